@@ -1,0 +1,85 @@
+"""The ``twat-mp`` command: ``version`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any, Callable
+
+from twat_mp import __version__
+
+
+def _busy(x: int) -> int:
+    """About 10 ms of pure-Python work."""
+    total = 0
+    for i in range(150_000):
+        total += i % (x + 1)
+    return total
+
+
+async def _io(x: int) -> int:
+    await asyncio.sleep(0.05)
+    return x * 2
+
+
+def _timed(label: str, run: Callable[[], Any], serial: float | None = None) -> float:
+    start = time.perf_counter()
+    result = run()
+    elapsed = time.perf_counter() - start
+    shown = repr(result)
+    if len(shown) > 48:
+        shown = shown[:45] + "..."
+    ratio = f"  ({serial / elapsed:4.1f}x serial)" if serial else ""
+    print(f"  {label:<36} {elapsed * 1000:8.1f} ms{ratio}  {shown}")
+    return elapsed
+
+
+def demo() -> None:
+    from twat_mp import AsyncMultiPool, ProcessPool, ThreadPool, amap, apmap, imap, pmap
+
+    items = list(range(32))
+    print(f"twat-mp {__version__} demo: {len(items)} items of ~10 ms CPU work each\n")
+    serial = _timed("serial map()", lambda: sum(map(_busy, items)))
+    busy_p = pmap(_busy)
+    _timed("@pmap (cold: starts the warm pool)", lambda: sum(busy_p(items)), serial)
+    _timed("@pmap (warm)", lambda: sum(busy_p(items)), serial)
+    _timed("@imap (lazy iterator)", lambda: sum(imap(_busy)(items)), serial)
+    _timed("@amap (submit, then collect)", lambda: sum(amap(_busy)(items)), serial)
+    _timed("@pmap(kind='thread') (GIL-bound)", lambda: sum(pmap(kind="thread")(_busy)(items)), serial)
+
+    def with_process_pool() -> Any:
+        with ProcessPool(nodes=2) as pool:
+            return pool.map(lambda x: x * x, range(10))
+
+    def with_thread_pool() -> Any:
+        with ThreadPool(nodes=4) as pool:
+            return pool.map(str.upper, ["a", "b", "c"])
+
+    _timed("ProcessPool(2).map(lambda)", with_process_pool)
+    _timed("ThreadPool(4).map(str.upper)", with_thread_pool)
+
+    print("\n20 async calls of asyncio.sleep(0.05):")
+    serial_async = 20 * 0.05
+    print(f"  {'serial awaits (computed)':<36} {serial_async * 1000:8.1f} ms")
+    io_map = apmap(_io)
+    _timed("@apmap (cold: spawns workers)", lambda: sum(io_map.sync(range(20))), serial_async)
+
+    async def with_async_pool() -> Any:
+        async with AsyncMultiPool(processes=2) as pool:
+            return await pool.map(_io, range(20))
+
+    _timed("AsyncMultiPool(2).map", lambda: asyncio.run(with_async_pool()), serial_async)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twat-mp", description="Parallel maps one decorator away.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("version", help="print the version")
+    commands.add_parser("demo", help="a short tour of every decorator and pool, with timings")
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+    else:
+        demo()
+    return 0

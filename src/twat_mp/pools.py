@@ -1,0 +1,299 @@
+"""MultiPool, ProcessPool and ThreadPool: the user-facing surface over the engine.
+
+The surface is pathos's (``map``, ``imap``, ``uimap``, ``amap``, ``pipe``/``apipe``,
+``nodes``); the dispatch underneath is twat-mp's own (see ``twat_mp._engine``)::
+
+    with ProcessPool(nodes=2) as pool:
+        pool.map(lambda x: x + 1, range(10))
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from twat_mp import _options
+from twat_mp._engine.dispatcher import Dispatcher
+from twat_mp._engine.jobs import run_map, submit_call
+from twat_mp._engine.process import ProcessDispatcher
+from twat_mp._engine.protocol import MODE_ONE, MODE_STAR
+from twat_mp._engine.threads import ThreadDispatcher
+from twat_mp._logging import logger
+from twat_mp.errors import PoolClosedError
+
+__all__ = ["AsyncResult", "MultiPool", "ProcessPool", "ThreadPool"]
+
+
+class AsyncResult:
+    """The handle ``amap`` returns: ``get()`` waits for the list of results.
+
+    It behaves like ``multiprocessing.pool.AsyncResult`` (``get``, ``wait``, ``ready``,
+    ``successful``) and exposes the underlying ``concurrent.futures.Future`` as ``future``.
+    """
+
+    def __init__(self, future: concurrent.futures.Future[list[Any]]) -> None:
+        self.future = future
+
+    def get(self, timeout: float | None = None) -> list[Any]:
+        """The results; raises the first error, or ``TimeoutError`` after ``timeout``."""
+        try:
+            return self.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the results were not ready within {timeout}s") from None
+
+    def wait(self, timeout: float | None = None) -> None:
+        concurrent.futures.wait([self.future], timeout)
+
+    def ready(self) -> bool:
+        return self.future.done()
+
+    def successful(self) -> bool:
+        if not self.future.done():
+            raise ValueError("the results are not ready yet")
+        return self.future.exception() is None
+
+
+class MultiPool:
+    """A pool of workers used as a context manager.
+
+    Args:
+        nodes: number of workers (default: the CPUs this process may use).
+        initializer, initargs: ``initializer(*initargs)`` runs once in each worker; see
+            :func:`twat_mp.worker_state` for keeping what it loads.
+        chunksize: items per batch sent to a worker (default: automatic).
+        max_in_flight: most batches submitted and not yet consumed (default: unbounded
+            for a list, ``4 × nodes`` for an iterator, so infinite generators stream).
+        timeout: seconds each item may take (default: no limit); see ``docs/failures.md``.
+        retries: times the items of a dead or timed-out worker are re-run (default 0).
+        progress: ``True`` or a label shows a tqdm progress bar on each map.
+
+    Leaving the ``with`` block closes the pool and joins its workers; an exception or
+    KeyboardInterrupt inside it terminates them at once.
+    """
+
+    kind = "process"
+
+    def __init__(
+        self,
+        nodes: int | None = None,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Sequence[Any] = (),
+        chunksize: int | None = None,
+        max_in_flight: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        progress: bool | str = False,
+    ) -> None:
+        self._nodes = _options.check_nodes(nodes)
+        if initializer is not None and not callable(initializer):
+            raise ValueError(f"initializer must be callable, got {initializer!r}")
+        self.initializer = initializer
+        self.initargs = tuple(initargs)
+        self.chunksize = _options.check_positive_int("chunksize", chunksize)
+        self.max_in_flight = _options.check_positive_int("max_in_flight", max_in_flight)
+        self.timeout = _options.check_timeout(timeout)
+        self.retries = _options.check_retries(retries)
+        self.progress = progress
+        self._dispatcher: Dispatcher | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def nodes(self) -> int:
+        """The number of workers."""
+        return self._nodes
+
+    def _make_dispatcher(self) -> Dispatcher:
+        raise NotImplementedError
+
+    def _open(self) -> MultiPool:
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError(f"this {type(self).__name__} is closed; create a new one")
+            if self._dispatcher is None:
+                logger.debug("starting {} with {} workers", type(self).__name__, self._nodes)
+                self._dispatcher = self._make_dispatcher()
+        return self
+
+    def __enter__(self) -> MultiPool:
+        return self._open()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
+        self.join()
+
+    def close(self) -> None:
+        """Accept no more work; workers exit once the work already given is done."""
+        with self._lock:
+            self._closed = True
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+
+    def terminate(self) -> None:
+        """Stop every worker now; unfinished calls raise."""
+        with self._lock:
+            self._closed = True
+            if self._dispatcher is not None:
+                self._dispatcher.terminate()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the workers have exited (after ``close`` or ``terminate``)."""
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and (self._dispatcher is None or self._dispatcher.alive)
+
+    def _engine(self) -> Dispatcher:
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            name = type(self).__name__
+            if self._closed:
+                raise PoolClosedError(f"this {name} is closed; create a new one")
+            raise PoolClosedError(
+                f"this {name} is not open: use it inside `with {name}(...) as pool:`")
+        if self._closed or not dispatcher.alive:
+            raise PoolClosedError(
+                f"this {type(self).__name__} is closed (it left its `with` block or was "
+                "terminated, e.g. by KeyboardInterrupt); create a new one")
+        return dispatcher
+
+    # -- maps ------------------------------------------------------------------------------
+    def _iterate(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *,
+                 ordered: bool, **options: Any) -> Iterator[Any]:
+        dispatcher = self._engine()
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        if len(iterables) == 1:
+            source, mode = iterables[0], MODE_ONE
+        else:
+            source, mode = zip(*iterables), MODE_STAR
+        return self._run(dispatcher, fn, source, mode=mode, ordered=ordered, **options)
+
+    def _run(self, dispatcher: Dispatcher, fn: Callable[..., Any], source: Iterable[Any], *,
+             mode: int, ordered: bool, chunksize: int | None = None,
+             max_in_flight: int | None = None, timeout: float | None = None,
+             retries: int | None = None, progress: bool | str | None = None) -> Iterator[Any]:
+        from twat_mp._progress import progress_bar
+
+        bar = progress_bar(self.progress if progress is None else progress, source)
+        results = run_map(
+            dispatcher, fn, source, mode=mode, ordered=ordered,
+            chunksize=_options.check_positive_int("chunksize", chunksize) or self.chunksize,
+            max_in_flight=_options.check_positive_int("max_in_flight", max_in_flight) or self.max_in_flight,
+            timeout=_options.check_timeout(timeout) or self.timeout,
+            retries=self.retries if retries is None else _options.check_retries(retries),
+            progress=bar,
+        )
+        if bar is None:
+            return results
+        return _closing_bar(results, bar)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> list[Any]:
+        """``list(map(fn, *iterables))``, computed by the workers.
+
+        Options (``chunksize``, ``max_in_flight``, ``timeout``, ``retries``, ``progress``)
+        override the pool's for this call.
+        """
+        return list(self._iterate(fn, iterables, ordered=True, **options))
+
+    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        """A lazy iterator of results in input order; reads the input as it goes."""
+        return self._iterate(fn, iterables, ordered=True, **options)
+
+    def uimap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
+        """A lazy iterator of results in the order they finish."""
+        return self._iterate(fn, iterables, ordered=False, **options)
+
+    def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], **options: Any) -> list[Any]:
+        """``[fn(*args) for args in iterable]``, computed by the workers."""
+        return list(self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, **options))
+
+    def amap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> AsyncResult:
+        """Submit the map and return at once; ``.get()`` returns the list of results."""
+        results = self._iterate(fn, iterables, ordered=True, **options)
+        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+
+        def collect() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(list(results))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=collect, name="twat-mp-amap", daemon=True).start()
+        return AsyncResult(future)
+
+    # -- single calls ------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
+        return submit_call(self._engine(), fn, args, kwargs, timeout=self.timeout, retries=self.retries)
+
+    def apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in a worker and return its result."""
+        return self.submit(fn, *args, **kwargs).result()
+
+    pipe = apply  # pathos's names
+    apipe = submit
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._dispatcher else "not started")
+        return f"<{type(self).__name__} nodes={self._nodes} {state}>"
+
+
+def _closing_bar(results: Iterator[Any], bar: Any) -> Iterator[Any]:
+    try:
+        yield from results
+    finally:
+        bar.close()
+
+
+class ProcessPool(MultiPool):
+    """Worker processes (``multiprocess``, with dill): lambdas, closures and functions
+    defined in a notebook or ``__main__`` work.
+
+    >>> from twat_mp import ProcessPool
+    >>> with ProcessPool(nodes=2) as pool:
+    ...     pool.map(lambda x: x * x, range(5))
+    [0, 1, 4, 9, 16]
+
+    ``start_method`` is ``"fork"`` on Linux (fast, and the workers see everything the
+    caller defined) and ``"spawn"`` elsewhere; pass ``"spawn"`` where the caller holds
+    state that must not be forked (a CUDA context, for one).
+    """
+
+    kind = "process"
+
+    def __init__(self, nodes: int | None = None, *, start_method: str | None = None, **options: Any) -> None:
+        if start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', got {start_method!r}")
+        self.start_method = start_method
+        super().__init__(nodes, **options)
+
+    def _make_dispatcher(self) -> Dispatcher:
+        return ProcessDispatcher(self._nodes, start_method=self.start_method,
+                                 initializer=self.initializer, initargs=self.initargs)
+
+
+class ThreadPool(MultiPool):
+    """Worker threads (``multiprocess.dummy``): for I/O-bound work and code that releases
+    the GIL. Nothing is pickled.
+
+    >>> from twat_mp import ThreadPool
+    >>> with ThreadPool(nodes=4) as pool:
+    ...     pool.map(str.upper, ["a", "b"])
+    ['A', 'B']
+    """
+
+    kind = "thread"
+
+    def _make_dispatcher(self) -> Dispatcher:
+        return ThreadDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
