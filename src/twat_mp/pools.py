@@ -159,6 +159,8 @@ class MultiPool:
                 raise PoolClosedError(f"this {name} is closed; create a new one")
             raise PoolClosedError(
                 f"this {name} is not open: use it inside `with {name}(...) as pool:`")
+        if dispatcher.error is not None:
+            raise dispatcher.error
         if self._closed or not dispatcher.alive:
             raise PoolClosedError(
                 f"this {type(self).__name__} is closed (it left its `with` block or was "

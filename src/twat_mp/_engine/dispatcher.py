@@ -99,6 +99,11 @@ class Dispatcher(ABC):
     def alive(self) -> bool:
         return not (self._closing or self._terminating) and self._broken is None
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the dispatcher stopped working (initializer failure, start failure)."""
+        return self._broken
+
     def submit(self, chunk: Chunk) -> None:
         if self._broken is not None:
             raise self._broken

@@ -128,12 +128,12 @@ class ProcessDispatcher(Dispatcher):
         dead: list[_ProcessWorker] = []
         for key in ready:
             if key == self._wake_r:
-                self._wake_pending = False
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
+                self._wake_pending = False  # after draining, or a wake could be lost
                 continue
             what, worker = by_key[key]
             if what == "conn":

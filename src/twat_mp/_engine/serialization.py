@@ -46,11 +46,11 @@ def loads(payload: bytes | memoryview) -> Any:
 
 def find_unpicklable(items: list[Any]) -> str:
     """Name the first item of a batch that cannot be pickled, for an error message."""
-    for index, item in enumerate(items):
+    for item in items:
         try:
             dill.dumps(item, PROTOCOL, recurse=True)
         except Exception as exc:
-            return f"item {index} {_describe(item)}: {exc}"
+            return f"the item {_describe(item)}: {exc}"
     return "the batch"
 
 

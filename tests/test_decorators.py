@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+import twat_mp
+from twat_mp import amap, imap, mmap, pmap, warm_pool
+
+
+@pmap
+def square(x):
+    """Square a number."""
+    return x * x
+
+
+@imap
+def lazy_square(x):
+    return x * x
+
+
+@amap
+def async_square(x):
+    return x * x
+
+
+@pmap(nodes=2, kind="thread")
+def thread_square(x):
+    return x * x
+
+
+@pmap
+def pid_of(_):
+    return os.getpid()
+
+
+@pmap
+def outer(x):
+    return sum(square(range(x)))  # a decorated function called inside a worker
+
+
+def test_bare_decorators():
+    assert square(range(5)) == [0, 1, 4, 9, 16]
+    result = lazy_square(range(5))
+    assert isinstance(result, types.GeneratorType) or hasattr(result, "__next__")
+    assert list(result) == [0, 1, 4, 9, 16]
+    assert async_square(range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_decorators_with_options():
+    assert thread_square([1, 2, 3]) == [1, 4, 9]
+
+    @pmap(nodes=2, kind="process", chunksize=1)
+    def inc(x):
+        return x + 1
+
+    assert inc(range(4)) == [1, 2, 3, 4]
+    assert imap(nodes=1)(abs)([-1, -2]).__next__() == 1
+    assert amap(kind="thread")(abs)([-3]) == [3]
+
+
+def test_empty_input_returns_empty_list():
+    assert square([]) == []
+    assert async_square([]) == []
+    assert list(lazy_square([])) == []
+
+
+def test_several_iterables_zip_like_builtin_map():
+    assert pmap(pow)([2, 3], [3, 2]) == [8, 9]
+
+
+def test_metadata_and_pickling_are_kept():
+    assert square.__name__ == "square"
+    assert square.__doc__ == "Square a number."
+    assert pickle.loads(pickle.dumps(square)) is square
+
+
+def test_mmap_rejects_unknown_how_listing_valid_ones():
+    with pytest.raises(ValueError, match="'map', 'imap', 'amap'"):
+        mmap("parallel")
+    assert mmap("map", get_result=True)(abs)([-1]) == [1]
+
+
+@pytest.mark.parametrize("kwargs,option", [({"nodes": 0}, "nodes"), ({"kind": "fiber"}, "kind"),
+                                           ({"timeout": -1}, "timeout"), ({"bogus": 1}, "bogus")])
+def test_bad_options_are_value_errors_naming_the_option(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        pmap(**kwargs)(abs)([1])
+
+
+def test_calling_without_an_iterable_is_a_type_error():
+    with pytest.raises(TypeError, match="iterable"):
+        square()
+
+
+def test_warm_pool_is_reused_across_calls():
+    first = set(pid_of(range(20)))
+    second = set(pid_of(range(20)))
+    assert first == second  # the same workers served both calls
+    assert warm_pool("process") is warm_pool("process")
+    assert warm_pool("process", 1) is not warm_pool("process", 2)
+
+
+def test_nested_decorated_call_in_a_worker_runs_serially():
+    assert outer([3, 4]) == [0 + 1 + 4, 0 + 1 + 4 + 9]
+
+
+def test_warm_pool_is_recreated_after_a_terminate():
+    pool = warm_pool("process")
+    pool.terminate()
+    pool.join()
+    assert square([3]) == [9]
+    assert warm_pool("process") is not pool
+
+
+def test_warm_pools_are_recreated_in_a_forked_child(tmp_path):
+    script = tmp_path / "forker.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from twat_mp import pmap
+
+        @pmap
+        def inc(x):
+            return x + 1
+
+        assert inc([1, 2]) == [2, 3]           # warm pool in the parent
+        pid = os.fork()
+        if pid == 0:
+            ok = inc([5]) == [6]               # the child builds its own
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert inc([7]) == [8]                 # the parent's pool still works
+        print("fork ok")
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "fork ok" in out.stdout
+
+
+def test_compat_module_paths_reexport_the_2x_names():
+    from twat_mp import async_mp, mp
+
+    for name in ["pmap", "imap", "amap", "mmap", "MultiPool", "ProcessPool", "ThreadPool",
+                 "WorkerError", "set_debug_mode"]:
+        assert getattr(mp, name) is getattr(twat_mp, name)
+    for name in ["apmap", "AsyncMultiPool"]:
+        assert getattr(async_mp, name) is getattr(twat_mp, name)
+    assert isinstance(twat_mp.__version__, str)
+    assert set(twat_mp.__all__) >= {"pmap", "imap", "amap", "apmap", "mmap", "MultiPool", "ProcessPool",
+                                    "ThreadPool", "AsyncMultiPool", "WorkerError", "set_debug_mode"}

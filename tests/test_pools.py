@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from conftest import wait_gone, worker_pids
+from twat_mp import MultiPool, PoolClosedError, ProcessPool, ThreadPool, worker_info, worker_state
+from twat_mp._options import cpu_count
+
+POOLS = [ProcessPool, ThreadPool]
+
+
+def double(x):
+    return 2 * x
+
+
+def add(a, b):
+    return a + b
+
+
+@pytest.mark.parametrize("pool_class", POOLS)
+def test_every_map_kind(pool_class):
+    with pool_class(nodes=2) as pool:
+        assert pool.nodes == 2
+        assert pool.map(double, range(10)) == [2 * x for x in range(10)]
+        assert list(pool.imap(double, iter(range(10)))) == [2 * x for x in range(10)]
+        assert sorted(pool.uimap(double, range(10))) == [2 * x for x in range(10)]
+        handle = pool.amap(double, range(5))
+        assert handle.get(timeout=10) == [0, 2, 4, 6, 8]
+        assert handle.ready() and handle.successful()
+        assert pool.apply(add, 2, 3) == 5
+        assert pool.submit(add, 4, b=5).result(timeout=10) == 9
+        assert pool.pipe(add, 1, 1) == 2
+        assert pool.apipe(add, 1, 2).result(timeout=10) == 3
+        assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
+        assert pool.map(add, [1, 2], [10, 20]) == [11, 22]  # several iterables zip, like map
+        assert pool.map(double, []) == []
+
+
+def test_lambdas_and_closures_through_process_pool():
+    offset = 7
+
+    def closure(x):
+        return x + offset
+
+    with ProcessPool(nodes=2) as pool:
+        assert pool.map(lambda x: x * x, range(6)) == [0, 1, 4, 9, 16, 25]
+        assert pool.map(closure, [1, 2]) == [8, 9]
+        assert pool.apply(lambda: "called") == "called"
+
+
+def test_nodes_defaults_to_cpu_count():
+    assert ProcessPool().nodes == cpu_count()
+    assert ThreadPool().nodes == cpu_count()
+
+
+def test_process_pool_really_uses_other_processes():
+    with ProcessPool(nodes=2) as pool:
+        pids = worker_pids(pool)
+    assert os.getpid() not in pids
+    assert 1 <= len(pids) <= 2
+
+
+@pytest.mark.parametrize("pool_class", POOLS)
+def test_use_outside_with_or_after_close_is_a_clear_runtime_error(pool_class):
+    pool = pool_class(nodes=1)
+    with pytest.raises(RuntimeError, match="not open.*with"):
+        pool.map(double, [1])
+    with pool:
+        pool.map(double, [1])
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.map(double, [1])
+    with pytest.raises(PoolClosedError):
+        pool.submit(double, 1)
+    with pytest.raises(RuntimeError, match="closed"), pool:
+        pass
+
+
+def test_leaving_with_joins_workers():
+    with ProcessPool(nodes=2) as pool:
+        pids = worker_pids(pool)
+    assert wait_gone(pids, within=0.1) == set()
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_exception_inside_with_terminates_workers(error):
+    with pytest.raises(error), ProcessPool(nodes=2) as pool:
+        pids = worker_pids(pool)
+        raise error("stop")
+    assert wait_gone(pids, within=2.0) == set()
+
+
+def test_keyboard_interrupt_during_a_map_terminates_the_pool():
+    import signal
+    import time
+
+    with ProcessPool(nodes=2) as pool:
+        pids = worker_pids(pool)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            pool.map(time.sleep, [5] * 4, chunksize=1)
+        assert time.monotonic() - start < 3
+        assert wait_gone(pids, within=2.0) == set()
+        with pytest.raises(RuntimeError, match="terminated"):
+            pool.map(double, [1])
+
+
+def _load_table(size):
+    worker_state()["table"] = {i: i * i for i in range(size)}
+
+
+def _lookup(x):
+    return worker_state()["table"][x], worker_info().kind
+
+
+@pytest.mark.parametrize("pool_class,kind", [(ProcessPool, "process"), (ThreadPool, "thread")])
+def test_initializer_and_worker_state(pool_class, kind):
+    with pool_class(nodes=2, initializer=_load_table, initargs=(10,)) as pool:
+        assert pool.map(_lookup, [2, 3]) == [(4, kind), (9, kind)]
+    assert worker_info().kind == "main"
+
+
+def _failing_initializer():
+    raise OSError("no model file")
+
+
+@pytest.mark.parametrize("pool_class", POOLS)
+def test_failing_initializer_is_a_runtime_error_naming_the_cause(pool_class):
+    with pytest.raises(RuntimeError, match="initializer failed.*no model file"), pool_class(
+            nodes=2, initializer=_failing_initializer) as pool:
+        pool.map(double, range(10))
+
+
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [({"nodes": 0}, "nodes"), ({"nodes": -1}, "nodes"), ({"nodes": 1.5}, "nodes"),
+     ({"timeout": -1}, "timeout"), ({"retries": -1}, "retries"), ({"chunksize": 0}, "chunksize"),
+     ({"max_in_flight": 0}, "max_in_flight"), ({"initializer": 3}, "initializer")],
+)
+def test_invalid_options_name_the_option(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        ProcessPool(**kwargs)
+
+
+def test_bad_start_method():
+    with pytest.raises(ValueError, match="start_method"):
+        ProcessPool(start_method="teleport")
+
+
+def test_multipool_is_the_base():
+    assert issubclass(ProcessPool, MultiPool) and issubclass(ThreadPool, MultiPool)
+
+
+def test_imap_is_lazy_and_streams_an_infinite_generator():
+    import itertools
+
+    with ProcessPool(nodes=2) as pool:
+        results = pool.imap(double, itertools.count())
+        assert [next(results) for _ in range(1000)] == [2 * x for x in range(1000)]
+        results.close()
+
+
+def test_spawn_start_method_works():
+    with ProcessPool(nodes=1, start_method="spawn") as pool:
+        assert pool.map(lambda x: x + 1, [1, 2]) == [2, 3]
