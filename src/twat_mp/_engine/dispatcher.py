@@ -23,6 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
+from twat_mp._engine.serialization import release
 from twat_mp._logging import logger
 from twat_mp.errors import PoolClosedError, TaskTimeoutError, WorkerCrashedError
 
@@ -79,6 +80,7 @@ class Worker:
 
 class Dispatcher(ABC):
     kind = "?"
+    shm_prefix: str | None = None  # where large buffers of this engine's payloads go
 
     def __init__(self, nodes: int) -> None:
         self.nodes = nodes
@@ -157,9 +159,9 @@ class Dispatcher(ABC):
     def _run(self) -> None:
         try:
             while not self._terminating:
+                self._dispatch()  # first: it drops cancelled chunks from ``pending``
                 if self._closing and not self._pending and not self._busy():
                     break
-                self._dispatch()
                 for event, worker, value in self._wait(self._next_deadline()):
                     self._handle(event, worker, value)
                 self._check_deadlines()
@@ -213,6 +215,8 @@ class Dispatcher(ABC):
             chunk, worker.current, worker.deadline = worker.current, None, None
             if chunk is not None and not chunk.cancelled:
                 self._deliver(chunk, value)
+            elif isinstance(value, (bytes, memoryview)):
+                release(value)  # nobody will unpickle it: free its shared memory
         elif event == "dead":
             self._on_death(worker, value)
         elif event == "init_failed":

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, FnRef
 from twat_mp._engine.process import ProcessDispatcher
 from twat_mp._engine.protocol import MODE_CALL, ChunkResult
-from twat_mp._engine.serialization import dumps, dumps_dill, dumps_function, find_unpicklable, loads
+from twat_mp._engine.serialization import dumps, dumps_dill, dumps_function, find_unpicklable, loads, release
 from twat_mp.errors import SerializationError
 
 #: Chunks of unknown-length input grow until one takes about this long in a worker.
@@ -43,7 +43,7 @@ def encode(dispatcher: Dispatcher, chunk: Chunk, *, force_dill: bool = False) ->
         if force_dill:
             chunk.payload, chunk.used_dill = dumps_dill(chunk.items, "items"), True
         else:
-            chunk.payload, chunk.used_dill = dumps(chunk.items, "items")
+            chunk.payload, chunk.used_dill = dumps(chunk.items, "items", dispatcher.shm_prefix)
     except SerializationError as exc:
         raise SerializationError(
             f"cannot send an argument to a worker: {find_unpicklable(chunk.items)}") from exc.__cause__
@@ -52,7 +52,7 @@ def encode(dispatcher: Dispatcher, chunk: Chunk, *, force_dill: bool = False) ->
 def decode(outcome: Any) -> ChunkResult:
     if isinstance(outcome, ChunkResult):
         return outcome
-    result: ChunkResult = loads(outcome)
+    result: ChunkResult = loads(outcome, unlink=True)
     return result
 
 
@@ -101,6 +101,7 @@ def run_map(
     def receive() -> None:
         nonlocal size
         chunk, outcome = results.get()
+        release(chunk.payload)  # the task's shared memory: no longer needed
         if not isinstance(outcome, BaseException):
             outcome = decode(outcome)
             error = outcome.error
@@ -146,6 +147,7 @@ def run_map(
     finally:
         for chunk in outstanding.values():
             dispatcher.cancel(chunk)
+            release(chunk.payload)
 
 
 def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any) -> Iterator[Any]:
@@ -180,7 +182,10 @@ def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any,
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def sink(chunk: Chunk, outcome: Any) -> None:
+        release(chunk.payload)
         if future.cancelled():
+            if isinstance(outcome, (bytes, memoryview)):
+                release(outcome)
             return
         try:
             if isinstance(outcome, BaseException):

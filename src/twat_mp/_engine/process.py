@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import multiprocess
 from multiprocess.connection import wait as mp_wait
 
-from twat_mp._engine import protocol
+from twat_mp._engine import protocol, shm
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, Worker
 from twat_mp._engine.protocol import HEADER
 from twat_mp._engine.serialization import dumps_dill
@@ -67,6 +67,7 @@ class ProcessDispatcher(Dispatcher):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
+        self.shm_prefix: str | None = shm.new_prefix() if shm.AVAILABLE else None
         self._fd_lock = threading.Lock()  # the wake pipe closes while callers may write
         try:
             super().__init__(nodes)
@@ -79,7 +80,7 @@ class ProcessDispatcher(Dispatcher):
         result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=process_worker_main,
-            args=(task_r, result_w, slot, os.getpid(), self._init_payload),
+            args=(task_r, result_w, slot, os.getpid(), self._init_payload, self.shm_prefix),
             name=f"twat-mp-worker-{slot}",
             daemon=True,
         )
@@ -189,6 +190,8 @@ class ProcessDispatcher(Dispatcher):
         for w in workers:
             w.proc.join(2.0)
             w.release()
+        if not graceful and self.shm_prefix is not None:
+            shm.sweep(self.shm_prefix)  # segments of results cut off mid-flight
         with self._fd_lock:
             for fd in (self._wake_r, self._wake_w):
                 if fd >= 0:

@@ -55,7 +55,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def process_worker_main(task_r: Any, result_w: Any, worker_id: int, parent_pid: int,
-                        init_payload: bytes | None) -> None:
+                        init_payload: bytes | None, shm_prefix: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     state.enter_process_worker(worker_id)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
@@ -79,7 +79,7 @@ def process_worker_main(task_r: Any, result_w: Any, worker_id: int, parent_pid: 
         if kind == protocol.TASK:
             result = _run_task(functions, token, body, worker_id, pid)
             try:
-                payload, _ = dumps(result, "results")
+                payload, _ = dumps(result, "results", shm_prefix)
             except Exception:
                 where = find_unpicklable(result.results)
                 payload = dumps(ChunkResult([], _stage_error(
