@@ -27,11 +27,13 @@ from twat_mp import _options, state
 from twat_mp._engine.protocol import RemoteError
 from twat_mp._engine.serialization import dumps_function, loads
 from twat_mp._logging import logger
+from twat_mp._progress import progress_bar
 from twat_mp.errors import PoolClosedError
 
 __all__ = ["AsyncMultiPool", "apmap"]
 
 _loaded: dict[bytes, Callable[..., Any]] = {}
+PROGRESS_STEPS = 20
 
 
 def _load_function(payload: bytes) -> Callable[..., Any]:
@@ -147,17 +149,38 @@ class AsyncMultiPool:
                 if not self._closed else "this AsyncMultiPool is closed; create a new one")
         return self.pool
 
-    async def map(self, fn: Callable[..., Any], iterable: Iterable[Any]) -> list[Any]:
-        """``[await fn(x) for x in iterable]``, run concurrently in the workers."""
-        items = list(iterable)
-        outcomes = await self._pool().map(_RemoteCall(dumps_function(fn)), items)
-        return [_unwrap(outcome, item) for outcome, item in zip(outcomes, items)]
+    async def map(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
+                  progress: bool | str = False) -> list[Any]:
+        """``[await fn(x) for x in iterable]``, run concurrently in the workers.
+        ``progress=True`` (or a label) shows a tqdm bar."""
+        return await self._map(fn, [(item,) for item in iterable], progress, single=True)
 
-    async def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]]) -> list[Any]:
+    async def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], *,
+                      progress: bool | str = False) -> list[Any]:
         """``[await fn(*args) for args in iterable]``, run concurrently in the workers."""
-        items = [tuple(args) for args in iterable]
-        outcomes = await self._pool().starmap(_RemoteCall(dumps_function(fn)), items)
-        return [_unwrap(outcome, item) for outcome, item in zip(outcomes, items)]
+        return await self._map(fn, [tuple(args) for args in iterable], progress, single=False)
+
+    async def _map(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: bool | str,
+                   single: bool) -> list[Any]:
+        pool = self._pool()
+        remote = _RemoteCall(dumps_function(fn))
+        bar = progress_bar(progress, calls)
+        if bar is None:
+            outcomes = list(await pool.starmap(remote, calls))
+        else:  # slices awaited together: all queued at once, the bar moves per slice
+            step = max(1, len(calls) // PROGRESS_STEPS)
+
+            async def run_slice(part: list[tuple[Any, ...]]) -> list[Any]:
+                done = list(await pool.starmap(remote, part))
+                bar.update(len(part))
+                return done
+
+            try:
+                parts = await asyncio.gather(*(run_slice(calls[i:i + step]) for i in range(0, len(calls), step)))
+            finally:
+                bar.close()
+            outcomes = [outcome for part in parts for outcome in part]
+        return [_unwrap(outcome, args[0] if single else args) for outcome, args in zip(outcomes, calls)]
 
     async def imap(self, fn: Callable[..., Any], iterable: Iterable[Any]) -> AsyncIterator[Any]:
         """An async iterator of results in input order."""
@@ -235,7 +258,7 @@ class _PendingMap(Awaitable[list[Any]]):
 
 
 def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = None,
-          childconcurrency: int = 16) -> Any:
+          childconcurrency: int = 16, progress: bool | str = False) -> Any:
     """Decorate an async function so that ``await f(items)`` maps it over ``items`` in
     worker processes, returning the list of results.
 
@@ -253,7 +276,8 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
     _options.check_positive_int("processes", processes)
     _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
     if fn is None:
-        return functools.partial(apmap, processes=processes, childconcurrency=childconcurrency)
+        return functools.partial(apmap, processes=processes, childconcurrency=childconcurrency,
+                                 progress=progress)
     if not callable(fn):
         raise TypeError(f"@apmap decorates a function, got {fn!r}")
 
@@ -262,8 +286,8 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
             return [await _call(fn, args) for args in zip(*iterables)]
         pool = _warm_async_pool(processes, childconcurrency)
         if len(iterables) == 1:
-            return await pool.map(fn, iterables[0])
-        return await pool.starmap(fn, zip(*iterables))
+            return await pool.map(fn, iterables[0], progress=progress)
+        return await pool.starmap(fn, zip(*iterables), progress=progress)
 
     @functools.wraps(fn)
     def mapped(*iterables: Iterable[Any]) -> _PendingMap:

@@ -74,7 +74,7 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 # Options that choose the pool; the rest are options of each call.
 _POOL_OPTIONS = {"initializer", "initargs", "start_method"}
-_CALL_OPTIONS = {"chunksize", "max_in_flight", "timeout", "retries", "progress"}
+_CALL_OPTIONS = {"chunksize", "max_in_flight", "timeout", "retries", "progress", "ordered"}
 
 
 def mmap(how: str, *, get_result: bool = False, debug: bool | None = None) -> Callable[..., Any]:

@@ -169,7 +169,7 @@ class MultiPool:
 
     # -- maps ------------------------------------------------------------------------------
     def _iterate(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *,
-                 ordered: bool, **options: Any) -> Iterator[Any]:
+                 ordered: bool = True, **options: Any) -> Iterator[Any]:
         dispatcher = self._engine()
         if not iterables:
             raise TypeError("map needs at least one iterable")
@@ -204,11 +204,16 @@ class MultiPool:
         Options (``chunksize``, ``max_in_flight``, ``timeout``, ``retries``, ``progress``)
         override the pool's for this call.
         """
-        return list(self._iterate(fn, iterables, ordered=True, **options))
+        return list(self._iterate(fn, iterables, **options))
 
-    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
-        """A lazy iterator of results in input order; reads the input as it goes."""
-        return self._iterate(fn, iterables, ordered=True, **options)
+    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], ordered: bool = True,
+             **options: Any) -> Iterator[Any]:
+        """A lazy iterator of results in input order (``ordered=False``: as they finish).
+
+        It reads the input as it goes and keeps at most ``max_in_flight`` batches
+        submitted and not yet consumed, so an endless generator streams in flat memory.
+        """
+        return self._iterate(fn, iterables, ordered=ordered, **options)
 
     def uimap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """A lazy iterator of results in the order they finish."""
@@ -220,7 +225,7 @@ class MultiPool:
 
     def amap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> AsyncResult:
         """Submit the map and return at once; ``.get()`` returns the list of results."""
-        results = self._iterate(fn, iterables, ordered=True, **options)
+        results = self._iterate(fn, iterables, **options)
         future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
         def collect() -> None:

@@ -23,6 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
+from twat_mp._engine.protocol import MODE_CALL
 from twat_mp._engine.serialization import release
 from twat_mp._logging import logger
 from twat_mp.errors import PoolClosedError, TaskTimeoutError, WorkerCrashedError
@@ -64,6 +65,12 @@ class Chunk:
         self.cancelled = False
         self.payload: bytes | None = None
         self.used_dill = False
+
+    def shown_items(self) -> list[Any]:
+        """The items as a user sees them: a single call shows its arguments."""
+        if self.fn.mode != MODE_CALL:
+            return self.items
+        return [args if not kwargs else (args, kwargs) for args, kwargs in self.items]
 
 
 class Worker:
@@ -238,9 +245,9 @@ class Dispatcher(ABC):
             return
         error: BaseException
         if worker.timed_out:
-            error = TaskTimeoutError(chunk.items, chunk.timeout or 0.0, worker.slot)
+            error = TaskTimeoutError(chunk.shown_items(), chunk.timeout or 0.0, worker.slot)
         else:
-            error = WorkerCrashedError(chunk.items, worker.slot, worker.pid, exitcode)
+            error = WorkerCrashedError(chunk.shown_items(), worker.slot, worker.pid, exitcode)
         if chunk.attempts < chunk.retries and not self._terminating:
             chunk.attempts += 1
             logger.debug("re-running chunk {} (attempt {})", chunk.id, chunk.attempts + 1)

@@ -168,10 +168,8 @@ def item_error(chunk: Chunk, outcome: ChunkResult) -> BaseException:
     index = len(outcome.results)
     if error.type_name.startswith("twat_mp."):
         return SerializationError(error.message)
-    item = chunk.items[index] if index < len(chunk.items) else None
-    if chunk.fn.mode == MODE_CALL and item is not None:
-        args, kwargs = item
-        item = args if not kwargs else item  # a single call shows its arguments
+    items = chunk.shown_items()
+    item = items[index] if index < len(items) else None
     return error.to_exception(item, outcome.worker_id, outcome.pid)
 
 
