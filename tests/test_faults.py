@@ -153,3 +153,43 @@ def test_an_item_that_crashes_every_time_exhausts_retries():
     assert info.value.items == [13]
     with ProcessPool(nodes=2) as pool:
         assert pool.map(die_on, [1, 2]) == [2, 4]
+
+
+async def async_die_on(x):
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 2
+
+
+async def async_die_once(x, marker):
+    if x == 7 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 2
+
+
+@pytest.mark.timeout(60)
+async def test_async_worker_death_names_the_items_and_never_hangs():
+    from twat_mp import AsyncMultiPool
+
+    async with AsyncMultiPool(processes=2, childconcurrency=4) as pool:
+        start = time.monotonic()
+        with pytest.raises(WorkerCrashedError) as info:
+            await pool.map(async_die_on, range(40))
+        assert time.monotonic() - start < 10
+        assert 13 in info.value.items
+        assert info.value.exitcode == -signal.SIGKILL
+        assert await pool.map(async_die_on, [1, 2]) == [2, 4]  # aiomultiprocess replaced it
+
+
+@pytest.mark.timeout(60)
+async def test_async_retries_rerun_lost_items(tmp_path):
+    from twat_mp import apmap
+
+    marker = str(tmp_path / "died")
+    mapped = apmap(processes=2, childconcurrency=4, retries=1)(async_die_once)
+    assert await mapped(range(30), [marker] * 30) == [x * 2 for x in range(30)]
+    assert os.path.exists(marker)

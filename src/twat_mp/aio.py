@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import mmap
+import os
 import threading
 import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
@@ -24,16 +26,18 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable,
 import aiomultiprocess
 
 from twat_mp import _options, state
+from twat_mp._engine import shm
 from twat_mp._engine.protocol import RemoteError
 from twat_mp._engine.serialization import dumps_function, loads
 from twat_mp._logging import logger
 from twat_mp._progress import progress_bar
-from twat_mp.errors import PoolClosedError
+from twat_mp.errors import PoolClosedError, WorkerCrashedError
 
 __all__ = ["AsyncMultiPool", "apmap"]
 
 _loaded: dict[bytes, Callable[..., Any]] = {}
-PROGRESS_STEPS = 20
+_Call = tuple[tuple[Any, ...], dict[str, Any]]
+POLL_SECONDS = 0.005  # as aiomultiprocess itself polls
 
 
 def _load_function(payload: bytes) -> Callable[..., Any]:
@@ -51,16 +55,70 @@ def _init_async_worker(initializer: Callable[..., Any] | None, initargs: Sequenc
         initializer(*initargs)
 
 
+class _Tracker:
+    """Which worker process started each item of one map: an int32 per item in a shared
+    segment (0 not started, a pid while running, -1 done). When a worker dies, the items
+    still marked with its pid are exactly the ones it lost."""
+
+    def __init__(self, size: int) -> None:
+        self.path: str | None = None
+        self.view: memoryview | None = None
+        if size and shm.AVAILABLE:
+            self.path = f"{shm.new_prefix()}-track"
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, 4 * size)
+                self.view = memoryview(mmap.mmap(fd, 4 * size)).cast("i")
+            finally:
+                os.close(fd)
+
+    def running_on(self, pid: int) -> list[int]:
+        return [] if self.view is None else [i for i, owner in enumerate(self.view) if owner == pid]
+
+    def reset(self, index: int) -> None:
+        if self.view is not None:
+            self.view[index] = 0
+
+    def close(self) -> None:
+        if self.path is not None:
+            shm.unlink([shm.Segment(self.path, 0)])
+            self.path = None
+
+
+_marks: dict[str, memoryview] = {}
+
+
+def _mark(path: str | None, index: int, value: int) -> None:
+    if path is None:
+        return
+    view = _marks.get(path)
+    if view is None:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:  # the map is over (abandoned after a crash)
+            return
+        try:
+            view = memoryview(mmap.mmap(fd, 0)).cast("i")
+        finally:
+            os.close(fd)
+        if len(_marks) > 32:
+            _marks.clear()
+        _marks[path] = view
+    view[index] = value
+
+
 class _RemoteCall:
     """A picklable stand-in for the user's function (sync or async) in an async worker."""
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, tracker: str | None = None) -> None:
         self.payload = payload
+        self.tracker = tracker
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_RemoteCall, (self.payload,))
+        return (_RemoteCall, (self.payload, self.tracker))
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    async def __call__(self, index: int, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+        _mark(self.tracker, index, os.getpid())
         try:
             result = _load_function(self.payload)(*args, **kwargs)
             if inspect.isawaitable(result):
@@ -68,6 +126,8 @@ class _RemoteCall:
             return ("ok", result)
         except (Exception, SystemExit) as exc:
             return ("error", RemoteError.capture(exc))
+        finally:
+            _mark(self.tracker, index, -1)
 
 
 def _unwrap(outcome: tuple[str, Any], item: Any) -> Any:
@@ -96,11 +156,13 @@ class AsyncMultiPool:
         childconcurrency: calls each worker runs at once (default 16).
         initializer, initargs: run once in each worker (see ``worker_state``).
         maxtasksperchild, queuecount: passed to ``aiomultiprocess.Pool``.
+        retries: times the items of a worker that died are re-queued (default 0: the
+            map raises ``WorkerCrashedError`` naming them).
     """
 
     def __init__(self, processes: int | None = None, *, childconcurrency: int = 16,
                  initializer: Callable[..., Any] | None = None, initargs: Sequence[Any] = (),
-                 maxtasksperchild: int = 0, queuecount: int | None = None) -> None:
+                 maxtasksperchild: int = 0, queuecount: int | None = None, retries: int = 0) -> None:
         self.processes = _options.check_nodes(processes)
         self.childconcurrency = _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
         if initializer is not None and not callable(initializer):
@@ -109,6 +171,10 @@ class AsyncMultiPool:
         self.initargs = tuple(initargs)
         self.maxtasksperchild = maxtasksperchild
         self.queuecount = queuecount
+        self.retries = _options.check_retries(retries)
+        self._orphans: set[int] = set()
+        self._generation = 0  # bumped each time the aiomultiprocess pool is replaced
+        self._retired: set[asyncio.Future[Any]] = set()
         self.pool: aiomultiprocess.Pool | None = None
         self._closed = False
 
@@ -116,9 +182,9 @@ class AsyncMultiPool:
     def nodes(self) -> int:
         return self.processes
 
-    def start(self) -> AsyncMultiPool:
+    def start(self, *, _replace: bool = False) -> AsyncMultiPool:
         """Start the workers (``async with`` does it); needs a running event loop."""
-        if self._closed:
+        if self._closed and not _replace:
             raise PoolClosedError("this AsyncMultiPool is closed; create a new one")
         if self.pool is None:
             asyncio.get_running_loop()
@@ -150,51 +216,138 @@ class AsyncMultiPool:
         return self.pool
 
     async def map(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
-                  progress: bool | str = False) -> list[Any]:
+                  progress: bool | str = False, retries: int | None = None) -> list[Any]:
         """``[await fn(x) for x in iterable]``, run concurrently in the workers.
         ``progress=True`` (or a label) shows a tqdm bar."""
-        return await self._map(fn, [(item,) for item in iterable], progress, single=True)
+        calls: list[_Call] = [((item,), {}) for item in iterable]
+        return [value async for value in self._stream(fn, calls, progress, retries)]
 
     async def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], *,
-                      progress: bool | str = False) -> list[Any]:
+                      progress: bool | str = False, retries: int | None = None) -> list[Any]:
         """``[await fn(*args) for args in iterable]``, run concurrently in the workers."""
-        return await self._map(fn, [tuple(args) for args in iterable], progress, single=False)
+        calls: list[_Call] = [(tuple(args), {}) for args in iterable]
+        return [value async for value in self._stream(fn, calls, progress, retries)]
 
-    async def _map(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: bool | str,
-                   single: bool) -> list[Any]:
-        pool = self._pool()
-        remote = _RemoteCall(dumps_function(fn))
-        bar = progress_bar(progress, calls)
-        if bar is None:
-            outcomes = list(await pool.starmap(remote, calls))
-        else:  # slices awaited together: all queued at once, the bar moves per slice
-            step = max(1, len(calls) // PROGRESS_STEPS)
-
-            async def run_slice(part: list[tuple[Any, ...]]) -> list[Any]:
-                done = list(await pool.starmap(remote, part))
-                bar.update(len(part))
-                return done
-
-            try:
-                parts = await asyncio.gather(*(run_slice(calls[i:i + step]) for i in range(0, len(calls), step)))
-            finally:
-                bar.close()
-            outcomes = [outcome for part in parts for outcome in part]
-        return [_unwrap(outcome, args[0] if single else args) for outcome, args in zip(outcomes, calls)]
-
-    async def imap(self, fn: Callable[..., Any], iterable: Iterable[Any]) -> AsyncIterator[Any]:
+    async def imap(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
+                   progress: bool | str = False, retries: int | None = None) -> AsyncIterator[Any]:
         """An async iterator of results in input order."""
-        items = list(iterable)
-        index = 0
-        async for outcome in self._pool().map(_RemoteCall(dumps_function(fn)), items):
-            yield _unwrap(outcome, items[index])
-            index += 1
+        calls: list[_Call] = [((item,), {}) for item in iterable]
+        async for value in self._stream(fn, calls, progress, retries):
+            yield value
 
     async def apply(self, fn: Callable[..., Any], args: Sequence[Any] = (),
                     kwds: dict[str, Any] | None = None) -> Any:
         """``await fn(*args, **kwds)`` in a worker."""
-        outcome = await self._pool().apply(_RemoteCall(dumps_function(fn)), tuple(args), kwds or {})
-        return _unwrap(outcome, tuple(args))
+        async for value in self._stream(fn, [(tuple(args), dict(kwds or {}))], False, None):
+            return value
+        raise AssertionError("unreachable: one call yields one value")
+
+    async def _stream(self, fn: Callable[..., Any], calls: list[_Call],
+                      progress: bool | str, retries: int | None) -> AsyncIterator[Any]:
+        """Queue every call, then yield results in input order as they arrive.
+
+        aiomultiprocess waits forever for the tasks of a worker that dies, and a worker
+        killed while it held a queue lock can stall the others. So on a crash a tracker
+        says which items the dead worker held, the whole aiomultiprocess pool is
+        replaced, unfinished items are queued again (the lost ones only if ``retries``
+        allow), and otherwise ``WorkerCrashedError`` names the lost items.
+        """
+        self._pool()
+        retries = self.retries if retries is None else _options.check_retries(retries)
+        tracker = _Tracker(len(calls))
+        remote = _RemoteCall(dumps_function(fn), tracker.path)
+        pending: dict[int, int] = {}  # aiomultiprocess task id -> index of the call
+        attempts = [0] * len(calls)
+        outcomes: dict[int, tuple[str, Any]] = {}
+        known: dict[int, Any] = {}  # worker pid -> aiomultiprocess Process
+        generation = -1
+
+        def item(index: int) -> Any:
+            args, kwargs = calls[index]
+            return (args[0] if len(args) == 1 else args) if not kwargs else (args, kwargs)
+
+        bar = progress_bar(progress, calls)
+        next_index = 0
+        try:
+            while next_index < len(calls):
+                while next_index in outcomes:
+                    yield _unwrap(outcomes.pop(next_index), item(next_index))
+                    next_index += 1
+                if next_index >= len(calls):
+                    break
+                pool = self._pool()
+                if generation != self._generation:  # first pass, or the pool was replaced
+                    generation = self._generation
+                    known.clear()
+                    todo = sorted(set(range(len(calls))) - set(outcomes))
+                    pending.clear()
+                    for index in todo:
+                        tracker.reset(index)
+                        args, kwargs = calls[index]
+                        pending[pool.queue_work(remote, (index, *args), kwargs)] = index
+                for task_id in [t for t in pool._results if t in pending]:
+                    value, remote_tb = pool._results.pop(task_id)
+                    index = pending.pop(task_id)
+                    if remote_tb is not None:
+                        raise RuntimeError(f"aiomultiprocess could not run item {item(index)!r}:\n{remote_tb}")
+                    outcomes[index] = value
+                    if bar is not None:
+                        bar.update(1)
+                crashes = self._crashes(known, tracker)
+                if crashes:
+                    self._restart()
+                    for lost, pid, exitcode in crashes:
+                        lost = [i for i in lost if i not in outcomes]
+                        if any(attempts[i] >= retries for i in lost):
+                            raise WorkerCrashedError([item(i) for i in lost], -1, pid, exitcode)
+                        for index in lost:
+                            attempts[index] += 1
+                    continue
+                self._drop_orphans()
+                if next_index not in outcomes:
+                    await asyncio.sleep(POLL_SECONDS)
+        finally:
+            if generation == self._generation:
+                self._orphans.update(pending)
+            tracker.close()
+            if bar is not None:
+                bar.close()
+
+    def _restart(self) -> None:
+        """Replace the aiomultiprocess pool after a worker crash."""
+        old = self.pool
+        assert old is not None
+        self.pool = None
+        self.start(_replace=True)
+        self._generation += 1
+        self._orphans.clear()
+        old.terminate()
+        self._retired.add(asyncio.ensure_future(old.join()))
+        logger.debug("async pool replaced after a worker crash")
+
+    def _crashes(self, known: dict[int, Any], tracker: _Tracker) -> list[tuple[list[int], int, int]]:
+        """Workers that died with a non-zero exit since the last look, and what they held."""
+        assert self.pool is not None
+        for process in list(self.pool.processes):
+            if process.pid is not None:
+                known.setdefault(process.pid, process)
+        crashed = []
+        for pid, process in list(known.items()):
+            exitcode = process.exitcode
+            if exitcode is None:
+                continue
+            del known[pid]
+            if exitcode != 0:
+                logger.debug("async worker {} died with {}", pid, exitcode)
+                crashed.append((tracker.running_on(pid), pid, exitcode))
+        return crashed
+
+    def _drop_orphans(self) -> None:
+        """Results of abandoned tasks would pile up in the pool: drop them on arrival."""
+        if self.pool is not None and self._orphans:
+            for task_id in [t for t in self.pool._results if t in self._orphans]:
+                del self.pool._results[task_id]
+                self._orphans.discard(task_id)
 
     async def close(self) -> None:
         """Let queued work finish, then stop the workers and wait for them."""
@@ -203,6 +356,12 @@ class AsyncMultiPool:
             pool, self.pool = self.pool, None
             pool.close()
             await pool.join()
+        await self._reap_retired()
+
+    async def _reap_retired(self) -> None:
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
+            self._retired.clear()
 
     async def terminate(self) -> None:
         """Stop the workers now and wait for them."""
@@ -211,6 +370,7 @@ class AsyncMultiPool:
             pool, self.pool = self.pool, None
             pool.terminate()
             await pool.join()
+        await self._reap_retired()
 
 
 # -- apmap: warm pools, one set per event loop -----------------------------------------
@@ -258,7 +418,7 @@ class _PendingMap(Awaitable[list[Any]]):
 
 
 def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = None,
-          childconcurrency: int = 16, progress: bool | str = False) -> Any:
+          childconcurrency: int = 16, progress: bool | str = False, retries: int = 0) -> Any:
     """Decorate an async function so that ``await f(items)`` maps it over ``items`` in
     worker processes, returning the list of results.
 
@@ -275,9 +435,10 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
     """
     _options.check_positive_int("processes", processes)
     _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
+    _options.check_retries(retries)
     if fn is None:
         return functools.partial(apmap, processes=processes, childconcurrency=childconcurrency,
-                                 progress=progress)
+                                 progress=progress, retries=retries)
     if not callable(fn):
         raise TypeError(f"@apmap decorates a function, got {fn!r}")
 
@@ -286,8 +447,8 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
             return [await _call(fn, args) for args in zip(*iterables)]
         pool = _warm_async_pool(processes, childconcurrency)
         if len(iterables) == 1:
-            return await pool.map(fn, iterables[0], progress=progress)
-        return await pool.starmap(fn, zip(*iterables), progress=progress)
+            return await pool.map(fn, iterables[0], progress=progress, retries=retries)
+        return await pool.starmap(fn, zip(*iterables), progress=progress, retries=retries)
 
     @functools.wraps(fn)
     def mapped(*iterables: Iterable[Any]) -> _PendingMap:
