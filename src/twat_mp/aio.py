@@ -322,7 +322,7 @@ class AsyncMultiPool:
         self._generation += 1
         self._orphans.clear()
         old.terminate()
-        self._retired.add(asyncio.ensure_future(old.join()))
+        self._retired.add(asyncio.ensure_future(_join_and_release(old)))
         logger.debug("async pool replaced after a worker crash")
 
     def _crashes(self, known: dict[int, Any], tracker: _Tracker) -> list[tuple[list[int], int, int]]:
@@ -355,7 +355,7 @@ class AsyncMultiPool:
         if self.pool is not None:
             pool, self.pool = self.pool, None
             pool.close()
-            await pool.join()
+            await _join_and_release(pool)
         await self._reap_retired()
 
     async def _reap_retired(self) -> None:
@@ -369,8 +369,24 @@ class AsyncMultiPool:
         if self.pool is not None:
             pool, self.pool = self.pool, None
             pool.terminate()
-            await pool.join()
+            await _join_and_release(pool)
         await self._reap_retired()
+
+
+async def _join_and_release(pool: aiomultiprocess.Pool) -> None:
+    """Wait for a closed pool, then release what aiomultiprocess leaves to the garbage
+    collector (queues with their feeder threads, process handles), so a closed pool
+    holds no thread or descriptor."""
+    processes = list(pool.processes)
+    await pool.join()
+    for process in processes:
+        process.aio_process.join(1.0)
+        if process.exitcode is not None:
+            process.close()
+    for queues in pool.queues.values():
+        for q in queues:
+            q.close()
+            q.join_thread()
 
 
 # -- apmap: warm pools, one set per event loop -----------------------------------------
