@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -54,10 +55,19 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(70)
 
 
+def _limit_torch_threads() -> None:
+    """One intra-op thread per worker process: the workers already fill the cores, and a
+    forked child must not touch the OpenMP pool its parent started (it would hang)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def process_worker_main(task_r: Any, result_w: Any, worker_id: int, parent_pid: int,
                         init_payload: bytes | None, shm_prefix: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     state.enter_process_worker(worker_id)
+    _limit_torch_threads()
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     pid = os.getpid()
     if init_payload is not None:
