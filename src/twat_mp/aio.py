@@ -15,18 +15,21 @@ re-raises the original exception type with the item and the remote traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import mmap
+import multiprocessing
 import os
 import threading
 import weakref
-from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 
 import aiomultiprocess
 
 from twat_mp import _options, state
 from twat_mp._engine import shm
+from twat_mp._engine.process import default_start_method
 from twat_mp._engine.protocol import RemoteError
 from twat_mp._engine.serialization import dumps_function, loads
 from twat_mp._logging import logger
@@ -137,6 +140,34 @@ def _unwrap(outcome: tuple[str, Any], item: Any) -> Any:
     raise value.to_exception(item, None, None)
 
 
+class _Pool(aiomultiprocess.Pool):  # type: ignore[misc]
+    """aiomultiprocess's pool with a start method of its own: aiomultiprocess reads a
+    module-global context, which is swapped only while this pool makes its queues and
+    workers."""
+
+    def __init__(self, start_method: str, **options: Any) -> None:
+        self._mp_context = multiprocessing.get_context(start_method)
+        super().__init__(**options)
+
+    def init(self) -> None:
+        self.context = self._mp_context
+        with self._own_context():
+            super().init()
+
+    def create_worker(self, qid: Any) -> Any:
+        with self._own_context():
+            return super().create_worker(qid)
+
+    @contextlib.contextmanager
+    def _own_context(self) -> Iterator[None]:
+        saved = aiomultiprocess.core.context
+        aiomultiprocess.core.context = self._mp_context
+        try:
+            yield
+        finally:
+            aiomultiprocess.core.context = saved
+
+
 class AsyncMultiPool:
     """A pool of worker processes that each run an event loop (aiomultiprocess).
 
@@ -158,12 +189,18 @@ class AsyncMultiPool:
         maxtasksperchild, queuecount: passed to ``aiomultiprocess.Pool``.
         retries: times the items of a worker that died are re-queued (default 0: the
             map raises ``WorkerCrashedError`` naming them).
+        start_method: ``"fork"`` on Linux (no ``if __name__ == "__main__"`` guard needed),
+            ``"spawn"`` elsewhere; set for this pool only, not for aiomultiprocess at large.
     """
 
     def __init__(self, processes: int | None = None, *, childconcurrency: int = 16,
                  initializer: Callable[..., Any] | None = None, initargs: Sequence[Any] = (),
-                 maxtasksperchild: int = 0, queuecount: int | None = None, retries: int = 0) -> None:
+                 maxtasksperchild: int = 0, queuecount: int | None = None, retries: int = 0,
+                 start_method: str | None = None) -> None:
         self.processes = _options.check_nodes(processes)
+        if start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', got {start_method!r}")
+        self.start_method = start_method or default_start_method()
         self.childconcurrency = _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
         if initializer is not None and not callable(initializer):
             raise ValueError(f"initializer must be callable, got {initializer!r}")
@@ -189,7 +226,8 @@ class AsyncMultiPool:
         if self.pool is None:
             asyncio.get_running_loop()
             try:
-                self.pool = aiomultiprocess.Pool(
+                self.pool = _Pool(
+                    self.start_method,
                     processes=self.processes, childconcurrency=self.childconcurrency,
                     initializer=_init_async_worker,
                     initargs=(self.initializer, self.initargs),
