@@ -88,3 +88,31 @@ def test_unpicklable_result_is_named():
 def test_worker_error_str_includes_remote_traceback():
     error = WorkerError("boom", exc_type_name="ValueError", traceback_str="Traceback ...\nValueError: boom")
     assert "Remote traceback" in str(error)
+
+
+def test_unpicklable_function_is_named_at_once():
+    generator = (i for i in range(3))
+
+    def uses_generator(x):
+        return next(generator) + x
+
+    with ProcessPool(nodes=1) as pool, pytest.raises(SerializationError, match="function.*uses_generator"):
+        pool.map(uses_generator, [1])
+
+
+def test_exception_of_a_class_that_cannot_be_pickled_keeps_its_name():
+    import threading
+
+    class LockedError(Exception):  # carries a lock: neither pickle nor dill can send it
+        def __init__(self):
+            super().__init__("locked")
+            self.lock = threading.Lock()
+            self.gen = (i for i in range(1))
+
+    def fail(_):
+        raise LockedError()
+
+    with ProcessPool(nodes=1) as pool, pytest.raises(WorkerError) as info:
+        pool.map(fail, [4])
+    assert info.value.exc_type_name.endswith("LockedError")
+    assert "locked" in str(info.value) and info.value.input_item == 4
