@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from twat_mp import state
 from twat_mp._engine import protocol
-from twat_mp._engine.protocol import HEADER, MODE_CALL, MODE_ONE, MODE_STAR, ChunkResult, RemoteError
+from twat_mp._engine.protocol import HEADER, MODE_ONE, MODE_STAR, ChunkResult, RemoteError
 from twat_mp._engine.serialization import dumps, find_unpicklable, loads
 
 PARENT_POLL_SECONDS = 0.25
@@ -119,5 +119,3 @@ def _run_task(functions: dict[int, tuple[Any, int]], token: int, body: memoryvie
             "load", f"the worker could not unpickle the items: {exc!r}"), worker_id, pid, 0.0)
     return run_chunk(fn, mode, items, worker_id, pid)
 
-
-__all__ = ["MODE_CALL", "MODE_ONE", "MODE_STAR", "process_worker_main", "run_chunk"]
