@@ -40,6 +40,7 @@ def demo() -> None:
 
     items = list(range(32))
     print(f"twat-mp {__version__} demo: {len(items)} items of ~10 ms CPU work each\n")
+    sum(map(_busy, items[:4]))  # warm up the CPU before the serial baseline
     serial = _timed("serial map()", lambda: sum(map(_busy, items)))
     busy_p = pmap(_busy)
     _timed("@pmap (cold: starts the warm pool)", lambda: sum(busy_p(items)), serial)
@@ -63,7 +64,7 @@ def demo() -> None:
     serial_async = 20 * 0.05
     print(f"  {'serial awaits (computed)':<36} {serial_async * 1000:8.1f} ms")
     io_map = apmap(_io)
-    _timed("@apmap (cold: spawns workers)", lambda: sum(io_map.sync(range(20))), serial_async)
+    _timed("@apmap (cold: starts the workers)", lambda: sum(io_map.sync(range(20))), serial_async)
 
     async def with_async_pool() -> Any:
         async with AsyncMultiPool(processes=2) as pool:

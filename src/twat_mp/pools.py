@@ -10,12 +10,13 @@ The surface is pathos's (``map``, ``imap``, ``uimap``, ``amap``, ``pipe``/``apip
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from twat_mp import _options
 from twat_mp._engine.dispatcher import Dispatcher
-from twat_mp._engine.jobs import run_map, submit_call
+from twat_mp._engine.jobs import flatten, run_batches, submit_call
 from twat_mp._engine.process import ProcessDispatcher
 from twat_mp._engine.protocol import MODE_ONE, MODE_STAR
 from twat_mp._engine.threads import ThreadDispatcher
@@ -168,8 +169,8 @@ class MultiPool:
         return dispatcher
 
     # -- maps ------------------------------------------------------------------------------
-    def _iterate(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *,
-                 ordered: bool = True, **options: Any) -> Iterator[Any]:
+    def _batches(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *,
+                 ordered: bool = True, **options: Any) -> Iterator[list[Any]]:
         dispatcher = self._engine()
         if not iterables:
             raise TypeError("map needs at least one iterable")
@@ -182,11 +183,11 @@ class MultiPool:
     def _run(self, dispatcher: Dispatcher, fn: Callable[..., Any], source: Iterable[Any], *,
              mode: int, ordered: bool, chunksize: int | None = None,
              max_in_flight: int | None = None, timeout: float | None = None,
-             retries: int | None = None, progress: bool | str | None = None) -> Iterator[Any]:
+             retries: int | None = None, progress: bool | str | None = None) -> Iterator[list[Any]]:
         from twat_mp._progress import progress_bar
 
         bar = progress_bar(self.progress if progress is None else progress, source)
-        results = run_map(
+        results = run_batches(
             dispatcher, fn, source, mode=mode, ordered=ordered,
             chunksize=_options.check_positive_int("chunksize", chunksize) or self.chunksize,
             max_in_flight=_options.check_positive_int("max_in_flight", max_in_flight) or self.max_in_flight,
@@ -204,7 +205,7 @@ class MultiPool:
         Options (``chunksize``, ``max_in_flight``, ``timeout``, ``retries``, ``progress``)
         override the pool's for this call.
         """
-        return list(self._iterate(fn, iterables, **options))
+        return list(itertools.chain.from_iterable(self._batches(fn, iterables, **options)))
 
     def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], ordered: bool = True,
              **options: Any) -> Iterator[Any]:
@@ -213,26 +214,27 @@ class MultiPool:
         It reads the input as it goes and keeps at most ``max_in_flight`` batches
         submitted and not yet consumed, so an endless generator streams in flat memory.
         """
-        return self._iterate(fn, iterables, ordered=ordered, **options)
+        return flatten(self._batches(fn, iterables, ordered=ordered, **options))
 
     def uimap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """A lazy iterator of results in the order they finish."""
-        return self._iterate(fn, iterables, ordered=False, **options)
+        return flatten(self._batches(fn, iterables, ordered=False, **options))
 
     def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], **options: Any) -> list[Any]:
         """``[fn(*args) for args in iterable]``, computed by the workers."""
-        return list(self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, **options))
+        batches = self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, **options)
+        return list(itertools.chain.from_iterable(batches))
 
     def amap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> AsyncResult:
         """Submit the map and return at once; ``.get()`` returns the list of results."""
-        results = self._iterate(fn, iterables, **options)
+        batches = self._batches(fn, iterables, **options)
         future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
         def collect() -> None:
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(list(results))
+                future.set_result(list(itertools.chain.from_iterable(batches)))
             except BaseException as exc:
                 future.set_exception(exc)
 
@@ -256,7 +258,7 @@ class MultiPool:
         return f"<{type(self).__name__} nodes={self._nodes} {state}>"
 
 
-def _closing_bar(results: Iterator[Any], bar: Any) -> Iterator[Any]:
+def _closing_bar(results: Iterator[list[Any]], bar: Any) -> Iterator[list[Any]]:
     try:
         yield from results
     finally:

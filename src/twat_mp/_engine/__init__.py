@@ -4,7 +4,7 @@
 
     caller thread                 manager thread                 worker (process or thread)
     -------------                 --------------                 --------------------------
-    jobs.run_map ──Chunk──▶ pending deque ──dispatch──▶ task pipe ─▶ run fn over items
+    jobs.run_batches ──Chunk──▶ pending deque ──dispatch──▶ task pipe ─▶ run fn over items
         ▲                         │   ▲                                     │
         │                 deadlines, deaths,                               │
         └──── sink(chunk, outcome) ◀── result pipe ◀── ChunkResult ◀───────┘

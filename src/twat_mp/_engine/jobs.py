@@ -63,7 +63,7 @@ def auto_chunksize(length: int | None, nodes: int) -> int | None:
     return max(1, math.ceil(length / (nodes * 4)))
 
 
-def run_map(
+def run_batches(
     dispatcher: Dispatcher,
     fn: Callable[..., Any],
     iterable: Iterable[Any],
@@ -75,8 +75,9 @@ def run_map(
     timeout: float | None = None,
     retries: int = 0,
     progress: Any = None,
-) -> Iterator[Any]:
-    """Yield ``fn`` over ``iterable`` computed by ``dispatcher``'s workers.
+) -> Iterator[list[Any]]:
+    """Yield the results of ``fn`` over ``iterable``, computed by ``dispatcher``'s
+    workers, one list per chunk (so an eager map flattens them at C speed).
 
     ``max_in_flight`` bounds the chunks submitted but not yet yielded; ``None`` means
     unbounded for input of known length and ``4 × nodes`` for an iterator.
@@ -150,16 +151,26 @@ def run_map(
             release(chunk.payload)
 
 
-def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any) -> Iterator[Any]:
+def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any) -> Iterator[list[Any]]:
     if isinstance(outcome, BaseException):
         raise outcome
     if progress is not None:
         progress.update(len(outcome.results))
-    if outcome.error is None:
-        yield from outcome.results
-        return
-    yield from outcome.results
-    raise item_error(chunk, outcome)
+    if outcome.results:
+        yield outcome.results
+    if outcome.error is not None:
+        raise item_error(chunk, outcome)
+
+
+def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
+    """One result at a time from ``run_batches`` (closing it when abandoned)."""
+    try:
+        for batch in batches:
+            yield from batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def item_error(chunk: Chunk, outcome: ChunkResult) -> BaseException:
