@@ -78,7 +78,7 @@ class Worker:
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
-        self.current: Chunk | None = None
+        self.chunks: collections.deque[Chunk] = collections.deque()  # sent, in the worker's order
         self.deadline: float | None = None
         self.tokens: set[int] = set()
         self.timed_out = False
@@ -185,20 +185,32 @@ class Dispatcher(ABC):
             logger.debug("{} dispatcher stopped", self.kind)
 
     def _busy(self) -> bool:
-        return any(w.current is not None for w in self._workers.values())
+        return any(w.chunks for w in self._workers.values())
 
     def _dispatch(self) -> None:
-        idle = [w for w in self._workers.values() if w.current is None]
-        while idle and self._pending:
-            chunk = self._pending.popleft()
-            if chunk.cancelled:
-                continue
-            worker = idle.pop()
-            worker.current = chunk
-            worker.deadline = (
-                time.monotonic() + chunk.timeout * len(chunk.items) if chunk.timeout else None
-            )
-            self._send(worker, chunk)
+        """Give each idle worker a chunk; then queue one more behind a busy worker where
+        the transport says it is safe, so workers never wait for their next chunk."""
+        for depth in (0, 1):
+            ready = [w for w in self._workers.values() if len(w.chunks) == depth and not w.timed_out]
+            while ready and self._pending:
+                chunk = self._pending[0]
+                if chunk.cancelled:
+                    self._pending.popleft()
+                    continue
+                worker = ready[-1]
+                if depth and not (chunk.timeout is None and worker.chunks[0].timeout is None
+                                  and self._can_queue(worker, chunk)):
+                    break
+                self._pending.popleft()
+                ready.pop()
+                if not depth and chunk.timeout:
+                    worker.deadline = time.monotonic() + chunk.timeout * len(chunk.items)
+                worker.chunks.append(chunk)
+                self._send(worker, chunk)
+
+    def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
+        """May ``chunk`` wait in ``worker``'s queue behind the one it runs?"""
+        return True
 
     def _next_deadline(self) -> float | None:
         deadlines = [w.deadline for w in self._workers.values() if w.deadline is not None]
@@ -219,7 +231,8 @@ class Dispatcher(ABC):
         if self._workers.get(worker.slot) is not worker:
             return  # a late event from a worker already replaced
         if event == "result":
-            chunk, worker.current, worker.deadline = worker.current, None, None
+            chunk = worker.chunks.popleft() if worker.chunks else None
+            worker.deadline = None
             if chunk is not None and not chunk.cancelled:
                 self._deliver(chunk, value)
             elif isinstance(value, (bytes, memoryview)):
@@ -233,7 +246,10 @@ class Dispatcher(ABC):
 
     def _on_death(self, worker: Worker, exitcode: int | None) -> None:
         del self._workers[worker.slot]
-        chunk = worker.current
+        chunk = worker.chunks.popleft() if worker.chunks else None  # the one it was running
+        for waiting in reversed(worker.chunks):  # never started: back to the front, no retry used
+            self._pending.appendleft(waiting)
+        worker.chunks.clear()
         logger.debug("worker {} (pid {}) ended with {}", worker.slot, worker.pid, exitcode)
         if not (self._closing or self._terminating):
             try:
@@ -256,11 +272,11 @@ class Dispatcher(ABC):
             self._deliver(chunk, error)
 
     def _fail_outstanding(self, error: BaseException) -> None:
-        chunks = [w.current for w in self._workers.values() if w.current is not None]
+        chunks = [chunk for w in self._workers.values() for chunk in w.chunks]
         chunks += list(self._pending)
         self._pending.clear()
         for worker in self._workers.values():
-            worker.current = None
+            worker.chunks.clear()
         for chunk in chunks:
             if not chunk.cancelled:
                 self._deliver(chunk, error)

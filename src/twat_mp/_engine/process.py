@@ -10,8 +10,10 @@
     proc.sentinel ready ─▶ worker died: re-run or fail its chunk, start a replacement
 
 Processes and pipes come from ``multiprocess`` (pathos's process layer, with dill), so
-``spawn`` can start workers from a notebook. A worker holds at most one chunk, so the
-manager is always reading when a worker writes and vice versa: no pipe deadlock.
+``spawn`` can start workers from a notebook. A worker runs one chunk and may have one
+more waiting in its pipe only if that chunk (with its function, if not yet sent) fits in
+16 KiB, far below the pipe's buffer: the manager's writes never block on a worker that is
+itself blocked writing a result, so the pipes cannot deadlock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from twat_mp._engine.serialization import dumps_dill
 from twat_mp._engine.worker import process_worker_main
 
 STOP_GRACE_SECONDS = 1.0
+QUEUE_BEHIND_MAX_BYTES = 16 * 1024  # well under the smallest pipe buffer (64 KiB on Linux)
 
 
 def default_start_method() -> str:
@@ -105,6 +108,15 @@ class ProcessDispatcher(Dispatcher):
             worker.task_w.send_bytes(HEADER.pack(protocol.TASK, chunk.id, fn.token) + chunk.payload)
         except OSError:
             pass  # the worker died; its sentinel reports it and the chunk is re-run or failed
+
+    def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
+        # Only what fits in the pipe's buffer at once: the manager must never block on a
+        # write while the worker blocks writing its result (pipe deadlock).
+        assert chunk.payload is not None and chunk.fn.payload is not None
+        size = len(chunk.payload)
+        if chunk.fn.token not in worker.tokens:
+            size += len(chunk.fn.payload)
+        return size <= QUEUE_BEHIND_MAX_BYTES
 
     def _wake(self) -> None:
         if self._wake_pending:
