@@ -152,3 +152,13 @@ def test_apmap_progress(capsys):
     assert apmap(progress="async")(neg).sync(range(40)) == [-x for x in range(40)]
     err = capsys.readouterr().err
     assert "async" in err and "40/40" in err
+
+
+@pytest.mark.timeout(60)
+def test_large_payloads_both_ways_never_deadlock_the_pipes():
+    blobs = [bytes([i]) * 3_000_000 for i in range(8)]  # bytes go in-band, through the pipe
+    with ProcessPool(nodes=2) as pool:
+        out = pool.map(lambda b: b + b, blobs, chunksize=1)
+        small = pool.map(square, range(2000), chunksize=3)  # many small chunks queued behind
+    assert [len(o) for o in out] == [6_000_000] * 8 and out[3][:1] == b"\x03"
+    assert small == [x * x for x in range(2000)]
