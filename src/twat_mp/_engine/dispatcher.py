@@ -28,6 +28,11 @@ from twat_mp._engine.serialization import release
 from twat_mp._logging import logger
 from twat_mp.errors import PoolClosedError, TaskTimeoutError, WorkerCrashedError
 
+#: A chunk is queued behind a busy worker only when that worker's chunks take less than
+#: this: then a round trip is a real share of the work. Longer chunks go to whichever
+#: worker is free first, which balances the load better.
+QUEUE_BEHIND_BELOW_SECONDS = 0.01
+
 Outcome = Any  # ChunkResult, its pickled bytes, or a BaseException for the chunk
 Sink = Callable[["Chunk", Outcome], None]
 
@@ -79,6 +84,8 @@ class Worker:
     def __init__(self, slot: int) -> None:
         self.slot = slot
         self.chunks: collections.deque[Chunk] = collections.deque()  # sent, in the worker's order
+        self.started = 0.0  # when the chunk at the head of ``chunks`` started
+        self.last_duration = float("inf")  # how long its previous chunk took
         self.deadline: float | None = None
         self.tokens: set[int] = set()
         self.timed_out = False
@@ -199,17 +206,21 @@ class Dispatcher(ABC):
                     continue
                 worker = ready[-1]
                 if depth and not (chunk.timeout is None and worker.chunks[0].timeout is None
+                                  and worker.last_duration < QUEUE_BEHIND_BELOW_SECONDS
                                   and self._can_queue(worker, chunk)):
                     break
                 self._pending.popleft()
                 ready.pop()
-                if not depth and chunk.timeout:
-                    worker.deadline = time.monotonic() + chunk.timeout * len(chunk.items)
+                if not depth:
+                    worker.started = time.monotonic()
+                    if chunk.timeout:
+                        worker.deadline = worker.started + chunk.timeout * len(chunk.items)
                 worker.chunks.append(chunk)
                 self._send(worker, chunk)
 
     def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
-        """May ``chunk`` wait in ``worker``'s queue behind the one it runs?"""
+        """May ``chunk`` wait in ``worker``'s queue behind the one it runs? (The
+        transport's say; the dispatcher already requires short chunks and no timeout.)"""
         return True
 
     def _next_deadline(self) -> float | None:
@@ -233,6 +244,8 @@ class Dispatcher(ABC):
         if event == "result":
             chunk = worker.chunks.popleft() if worker.chunks else None
             worker.deadline = None
+            now = time.monotonic()
+            worker.last_duration, worker.started = now - worker.started, now
             if chunk is not None and not chunk.cancelled:
                 self._deliver(chunk, value)
             elif isinstance(value, (bytes, memoryview)):
