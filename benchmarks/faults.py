@@ -7,6 +7,7 @@ there to the pool serving the next call (recover). Medians of 5.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import psutil
 
@@ -41,19 +43,33 @@ def hang(_: int) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def marked() -> Iterator[tuple[str, Callable[[], float]]]:
+    """A file the dying worker stamps with the time of its death, and a function that
+    says how long ago that was."""
+    with tempfile.NamedTemporaryFile(delete=False) as handle:
+        path = handle.name
+
+    def since_mark() -> float:
+        now = time.time()
+        with open(path) as mark:
+            return now - float(mark.read())
+
+    try:
+        yield path, since_mark
+    finally:
+        os.unlink(path)
+
+
 def crash_case(fn, label: str) -> None:  # type: ignore[no-untyped-def]
     detect, recover = [], []
     with ProcessPool(nodes=2) as pool:
         for _ in range(REPEAT):
-            with tempfile.NamedTemporaryFile(delete=False) as handle:
-                path = handle.name
-            try:
-                pool.map(fn, [path])
-            except WorkerCrashedError:
-                seen = time.time()
-            with open(path) as mark:
-                detect.append(seen - float(mark.read()))
-            os.unlink(path)
+            with marked() as (path, since_mark):
+                try:
+                    pool.map(fn, [path])
+                except WorkerCrashedError:
+                    detect.append(since_mark())
             start = time.perf_counter()
             pool.map(abs, [-1, -2])
             recover.append(time.perf_counter() - start)
@@ -118,15 +134,11 @@ def async_case() -> None:
     async def run() -> None:
         async with AsyncMultiPool(processes=2) as pool:
             for _ in range(REPEAT):
-                with tempfile.NamedTemporaryFile(delete=False) as handle:
-                    path = handle.name
-                try:
-                    await pool.map(async_kill, [path])
-                except WorkerCrashedError:
-                    seen = time.time()
-                with open(path) as mark:
-                    detect.append(seen - float(mark.read()))
-                os.unlink(path)
+                with marked() as (path, since_mark):
+                    try:
+                        await pool.map(async_kill, [path])
+                    except WorkerCrashedError:
+                        detect.append(since_mark())
                 start = time.perf_counter()
                 await pool.map(abs, [-1])
                 recover.append(time.perf_counter() - start)

@@ -34,6 +34,12 @@ def check_kind(kind: Any) -> str:
     return str(kind)
 
 
+def check_start_method(start_method: Any) -> str | None:
+    if start_method not in (None, "fork", "spawn", "forkserver"):
+        raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', got {start_method!r}")
+    return start_method  # type: ignore[no-any-return]
+
+
 def check_timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None

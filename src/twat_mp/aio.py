@@ -198,9 +198,7 @@ class AsyncMultiPool:
                  maxtasksperchild: int = 0, queuecount: int | None = None, retries: int = 0,
                  start_method: str | None = None) -> None:
         self.processes = _options.check_nodes(processes)
-        if start_method not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', got {start_method!r}")
-        self.start_method = start_method or default_start_method()
+        self.start_method = _options.check_start_method(start_method) or default_start_method()
         self.childconcurrency = _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
         if initializer is not None and not callable(initializer):
             raise ValueError(f"initializer must be callable, got {initializer!r}")

@@ -282,9 +282,7 @@ class ProcessPool(MultiPool):
     kind = "process"
 
     def __init__(self, nodes: int | None = None, *, start_method: str | None = None, **options: Any) -> None:
-        if start_method not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', got {start_method!r}")
-        self.start_method = start_method
+        self.start_method = _options.check_start_method(start_method)
         super().__init__(nodes, **options)
 
     def _make_dispatcher(self) -> Dispatcher:
