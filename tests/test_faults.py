@@ -193,3 +193,20 @@ async def test_async_retries_rerun_lost_items(tmp_path):
     mapped = apmap(processes=2, childconcurrency=4, retries=1)(async_die_once)
     assert await mapped(range(30), [marker] * 30) == [x * 2 for x in range(30)]
     assert os.path.exists(marker)
+
+
+def segfault_on_four(x):
+    if x == 4:
+        import ctypes
+
+        ctypes.string_at(0)  # a real segmentation fault
+    return x
+
+
+@pytest.mark.timeout(30)
+def test_segfault_is_reported_with_its_signal():
+    with ProcessPool(nodes=2) as pool:
+        with pytest.raises(WorkerCrashedError, match="SIGSEGV") as info:
+            pool.map(segfault_on_four, range(8), chunksize=1)
+        assert info.value.items == [4]
+        assert pool.map(segfault_on_four, [1, 2]) == [1, 2]
