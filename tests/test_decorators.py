@@ -143,6 +143,23 @@ def test_warm_pools_are_recreated_in_a_forked_child(tmp_path):
     assert "fork ok" in out.stdout
 
 
+def test_thread_kind_rejects_start_method():
+    with pytest.raises(ValueError, match="start_method"):
+        pmap(kind="thread", start_method="spawn")(abs)
+
+
+def test_workers_resend_functions_evicted_from_their_cache():
+    from twat_mp import ProcessPool
+    from twat_mp._engine.worker import FUNCTION_CACHE_SIZE
+
+    first = lambda x: x + 1  # noqa: E731
+    with ProcessPool(nodes=1) as pool:
+        assert pool.map(first, [1]) == [2]
+        for offset in range(FUNCTION_CACHE_SIZE + 5):
+            assert pool.map(lambda x, k=offset: x + k, [1]) == [1 + offset]
+        assert pool.map(first, [1]) == [2]  # evicted in the worker: sent again
+
+
 def test_compat_module_paths_reexport_the_2x_names():
     from twat_mp import async_mp, mp
 

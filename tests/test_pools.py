@@ -151,8 +151,18 @@ def test_bad_start_method():
         ProcessPool(start_method="teleport")
 
 
-def test_multipool_is_the_base():
+def test_multipool_is_the_base_and_works_directly_as_in_2x():
+    import pathos.pools
+
     assert issubclass(ProcessPool, MultiPool) and issubclass(ThreadPool, MultiPool)
+    with MultiPool(nodes=2) as pool:
+        assert pool.map(_lookup_pid, [0]) != [os.getpid()]
+    with MultiPool(pool_class=pathos.pools.ThreadPool, nodes=2) as pool:
+        assert pool.map(_lookup_pid, [0]) == [os.getpid()]
+
+
+def _lookup_pid(_):
+    return os.getpid()
 
 
 def test_imap_is_lazy_and_streams_an_infinite_generator():

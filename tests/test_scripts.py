@@ -22,6 +22,9 @@ SCRIPT = textwrap.dedent("""
     def square(x):
         return x * x
 
+    def outer(n):  # defined in __main__, calls a decorated function inside a worker
+        return sum(square(range(n)))
+
     def main():
         base = 5
         with ProcessPool(nodes=2) as pool:
@@ -30,6 +33,7 @@ SCRIPT = textwrap.dedent("""
             print(pool.map(lambda x: triple(x) + base, [1]))
         print(square(range(4)))
         print(list(imap(triple)(range(3))))
+        print(pmap(outer)([3, 4]))
 
     if __name__ == "__main__":
         main()
@@ -46,7 +50,7 @@ def test_functions_from_a_main_script(tmp_path, start_method):
     script.write_text(source)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:5] == ["[0, 3, 6, 9]", "[5, 6, 7]", "[8]", "[0, 1, 4, 9]", "[0, 3, 6]"]
+    assert out.stdout.split("\n")[:6] == ["[0, 3, 6, 9]", "[5, 6, 7]", "[8]", "[0, 1, 4, 9]", "[0, 3, 6]", "[5, 14]"]
 
 
 @pytest.mark.timeout(60)

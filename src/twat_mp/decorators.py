@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import sys
 import threading
 from typing import Any, Callable, Iterable
 
@@ -22,7 +23,7 @@ from twat_mp import _options, state
 from twat_mp._logging import logger
 from twat_mp.pools import MultiPool, ProcessPool, ThreadPool
 
-__all__ = ["amap", "imap", "mmap", "pmap", "shutdown_warm_pools", "warm_pool"]
+__all__ = ["MappedFunction", "amap", "imap", "mmap", "pmap", "shutdown_warm_pools", "warm_pool"]
 
 HOWS = ("map", "imap", "amap")
 _POOL_CLASSES: dict[str, type[MultiPool]] = {"process": ProcessPool, "thread": ThreadPool}
@@ -110,36 +111,77 @@ def mmap(how: str, *, get_result: bool = False, debug: bool | None = None) -> Ca
         if unknown:
             valid = sorted(_POOL_OPTIONS | _CALL_OPTIONS | {"nodes", "kind"})
             raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are {valid}")
+        if kind == "thread" and "start_method" in options:
+            raise ValueError("start_method applies to kind='process' only")
         if fn is None:
             return functools.partial(decorator, nodes=nodes, kind=kind, **options)
         if not callable(fn):
             raise TypeError(f"@{how} decorates a function, got {fn!r}")
         return _decorate(fn, how, kind, nodes, options)
 
-    decorator.__name__ = decorator.__qualname__ = {"map": "pmap"}.get(how, how)
+    decorator.__name__ = decorator.__qualname__ = _DECORATOR_NAMES[how]
     return decorator
 
 
 def _decorate(fn: Callable[..., Any], how: str, kind: str, nodes: int | None,
               options: dict[str, Any]) -> Callable[..., Any]:
-    pool_options = {k: v for k, v in options.items() if k in _POOL_OPTIONS}
-    call_options = {k: v for k, v in options.items() if k in _CALL_OPTIONS}
+    return functools.update_wrapper(MappedFunction(fn, how, kind, nodes, options), fn)
 
-    @functools.wraps(fn)
-    def mapped(*iterables: Iterable[Any]) -> Any:
+
+class MappedFunction:
+    """What ``@pmap``/``@imap``/``@amap`` return: call it with an iterable.
+
+    It pickles by reference where it can be imported, and otherwise as its parts (the
+    function by value), so that functions defined in ``__main__`` or a notebook can call
+    a decorated function and still be sent to workers (where it then runs serially).
+    """
+
+    def __init__(self, fn: Callable[..., Any], how: str, kind: str, nodes: int | None,
+                 options: dict[str, Any]) -> None:
+        self.func = fn
+        self.how = how
+        self.kind = kind
+        self.nodes = nodes
+        self.options = options
+
+    def __call__(self, *iterables: Iterable[Any]) -> Any:
+        fn = self.func
         if not iterables:
-            raise TypeError(f"{fn.__name__}() takes an iterable to map over (like builtin map)")
+            raise TypeError(f"{getattr(fn, '__name__', fn)}() takes an iterable to map over (like builtin map)")
         if state.in_worker():  # inside a worker: run serially, never nest pools
             serial = map(fn, *iterables)
-            return serial if how == "imap" else list(serial)
-        pool = warm_pool(kind, nodes, **pool_options)
-        if how == "imap":
+            return serial if self.how == "imap" else list(serial)
+        pool_options = {k: v for k, v in self.options.items() if k in _POOL_OPTIONS}
+        call_options = {k: v for k, v in self.options.items() if k in _CALL_OPTIONS}
+        pool = warm_pool(self.kind, self.nodes, **pool_options)
+        if self.how == "imap":
             return pool.imap(fn, *iterables, **call_options)
-        if how == "amap":
+        if self.how == "amap":
             return pool.amap(fn, *iterables, **call_options).get()
         return pool.map(fn, *iterables, **call_options)
 
-    return mapped
+    def __reduce__(self) -> Any:
+        module = sys.modules.get(getattr(self, "__module__", ""), None)
+        name = getattr(self, "__qualname__", "")
+        if module is not None and module.__name__ != "__main__" and _lookup(module, name) is self:
+            return name  # importable: pickle by reference
+        return (MappedFunction, (self.func, self.how, self.kind, self.nodes, self.options))
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:  # decorated methods bind
+        return self if instance is None else functools.partial(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<{_DECORATOR_NAMES[self.how]} {getattr(self.func, '__qualname__', self.func)!r}>"
+
+
+def _lookup(module: Any, qualname: str) -> Any:
+    target = module
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return target
+
+
+_DECORATOR_NAMES = {"map": "pmap", "imap": "imap", "amap": "amap"}
 
 
 pmap = mmap("map")

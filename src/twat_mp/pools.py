@@ -68,6 +68,9 @@ class MultiPool:
         timeout: seconds each item may take (default: no limit); see ``docs/failures.md``.
         retries: times the items of a dead or timed-out worker are re-run (default 0).
         progress: ``True`` or a label shows a tqdm progress bar on each map.
+        pool_class: for twat-mp 2.x code that builds ``MultiPool(pool_class=...)``
+            directly: a thread pool class (ours or pathos's) gives worker threads,
+            anything else worker processes. New code uses ProcessPool or ThreadPool.
 
     Leaving the ``with`` block closes the pool and joins its workers; an exception or
     KeyboardInterrupt inside it terminates them at once.
@@ -79,6 +82,7 @@ class MultiPool:
         self,
         nodes: int | None = None,
         *,
+        pool_class: type | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: Sequence[Any] = (),
         chunksize: int | None = None,
@@ -88,6 +92,7 @@ class MultiPool:
         progress: bool | str = False,
     ) -> None:
         self._nodes = _options.check_nodes(nodes)
+        self._pool_class = pool_class
         if initializer is not None and not callable(initializer):
             raise ValueError(f"initializer must be callable, got {initializer!r}")
         self.initializer = initializer
@@ -108,7 +113,11 @@ class MultiPool:
         return self._nodes
 
     def _make_dispatcher(self) -> Dispatcher:
-        raise NotImplementedError
+        # Used directly (twat-mp 2.x style: ``MultiPool(pool_class=...)``), the pool's
+        # kind follows ``pool_class``: thread for a thread pool class, else process.
+        if self._pool_class is not None and "thread" in self._pool_class.__name__.lower():
+            return ThreadDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
+        return ProcessDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
 
     def _open(self) -> MultiPool:
         with self._lock:

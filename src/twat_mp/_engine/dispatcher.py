@@ -87,7 +87,7 @@ class Worker:
         self.started = 0.0  # when the chunk at the head of ``chunks`` started
         self.last_duration = float("inf")  # how long its previous chunk took
         self.deadline: float | None = None
-        self.tokens: set[int] = set()
+        self.tokens: dict[int, None] = {}  # functions the worker holds, oldest first
         self.timed_out = False
         self.pid: int | None = None
 

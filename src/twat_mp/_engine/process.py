@@ -31,7 +31,7 @@ from twat_mp._engine import protocol, shm
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, Worker
 from twat_mp._engine.protocol import HEADER
 from twat_mp._engine.serialization import dumps_dill
-from twat_mp._engine.worker import process_worker_main
+from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, process_worker_main
 
 STOP_GRACE_SECONDS = 1.0
 QUEUE_BEHIND_MAX_BYTES = 16 * 1024  # well under the smallest pipe buffer (64 KiB on Linux)
@@ -103,8 +103,10 @@ class ProcessDispatcher(Dispatcher):
         try:
             if fn.token not in worker.tokens:
                 assert fn.payload is not None
+                if len(worker.tokens) >= FUNCTION_CACHE_SIZE:  # the worker drops its oldest too
+                    worker.tokens.pop(next(iter(worker.tokens)))
                 worker.task_w.send_bytes(HEADER.pack(protocol.FUNC, 0, fn.token) + fn.payload)
-                worker.tokens.add(fn.token)
+                worker.tokens[fn.token] = None
             worker.task_w.send_bytes(HEADER.pack(protocol.TASK, chunk.id, fn.token) + chunk.payload)
         except OSError:
             pass  # the worker died; its sentinel reports it and the chunk is re-run or failed
