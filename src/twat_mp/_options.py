@@ -3,6 +3,8 @@ that names the option."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Any
 
@@ -45,6 +47,8 @@ def check_timeout(timeout: Any) -> float | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if math.isinf(timeout):
+        return None  # no limit
     return float(timeout)
 
 
@@ -52,3 +56,47 @@ def check_retries(retries: Any) -> int:
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
     return retries
+
+
+def check_progress(progress: Any) -> bool | str:
+    if isinstance(progress, (bool, str)):
+        return progress
+    raise ValueError(f"progress must be True, False or a label (str), got {progress!r}")
+
+
+def check_ordered(ordered: Any) -> bool:
+    if not isinstance(ordered, bool):
+        raise ValueError(f"ordered must be True or False, got {ordered!r}")
+    return ordered
+
+
+@dataclasses.dataclass(frozen=True)
+class MapOptions:
+    """The options of one map, checked once, carried as one value from a pool or a
+    decorator down to the engine (``_engine.jobs``)."""
+
+    chunksize: int | None = None
+    max_in_flight: int | None = None
+    timeout: float | None = None  # seconds per item; None: no limit
+    retries: int = 0
+    progress: bool | str = False
+    ordered: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "chunksize", check_positive_int("chunksize", self.chunksize))
+        set_(self, "max_in_flight", check_positive_int("max_in_flight", self.max_in_flight))
+        set_(self, "timeout", check_timeout(self.timeout))
+        set_(self, "retries", check_retries(self.retries))
+        set_(self, "progress", check_progress(self.progress))
+        set_(self, "ordered", check_ordered(self.ordered))
+
+    def merged(self, **overrides: Any) -> MapOptions:
+        """These options with ``overrides`` (a call's keyword options) applied; an
+        override of ``None`` keeps the value. Unknown names are a TypeError."""
+        names = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; valid options are {sorted(names)}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self

@@ -97,11 +97,8 @@ class MultiPool:
             raise ValueError(f"initializer must be callable, got {initializer!r}")
         self.initializer = initializer
         self.initargs = tuple(initargs)
-        self.chunksize = _options.check_positive_int("chunksize", chunksize)
-        self.max_in_flight = _options.check_positive_int("max_in_flight", max_in_flight)
-        self.timeout = _options.check_timeout(timeout)
-        self.retries = _options.check_retries(retries)
-        self.progress = progress
+        self.options = _options.MapOptions(chunksize=chunksize, max_in_flight=max_in_flight, timeout=timeout,
+                                           retries=retries, progress=progress)
         self._dispatcher: Dispatcher | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -190,20 +187,12 @@ class MultiPool:
         return self._run(dispatcher, fn, source, mode=mode, ordered=ordered, **options)
 
     def _run(self, dispatcher: Dispatcher, fn: Callable[..., Any], source: Iterable[Any], *,
-             mode: int, ordered: bool, chunksize: int | None = None,
-             max_in_flight: int | None = None, timeout: float | None = None,
-             retries: int | None = None, progress: bool | str | None = None) -> Iterator[list[Any]]:
+             mode: int, ordered: bool, **overrides: Any) -> Iterator[list[Any]]:
         from twat_mp._progress import progress_bar
 
-        bar = progress_bar(self.progress if progress is None else progress, source)
-        results = run_batches(
-            dispatcher, fn, source, mode=mode, ordered=ordered,
-            chunksize=_options.check_positive_int("chunksize", chunksize) or self.chunksize,
-            max_in_flight=_options.check_positive_int("max_in_flight", max_in_flight) or self.max_in_flight,
-            timeout=_options.check_timeout(timeout) or self.timeout,
-            retries=self.retries if retries is None else _options.check_retries(retries),
-            progress=bar,
-        )
+        options = self.options.merged(ordered=ordered, **overrides)
+        bar = progress_bar(options.progress, source)
+        results = run_batches(dispatcher, fn, source, mode=mode, options=options, progress=bar)
         if bar is None:
             return results
         return _closing_bar(results, bar)
@@ -253,7 +242,8 @@ class MultiPool:
     # -- single calls ------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
-        return submit_call(self._engine(), fn, args, kwargs, timeout=self.timeout, retries=self.retries)
+        return submit_call(self._engine(), fn, args, kwargs, timeout=self.options.timeout,
+                           retries=self.options.retries)
 
     def apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in a worker and return its result."""

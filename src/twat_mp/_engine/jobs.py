@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, FnRef
 from twat_mp._engine.process import ProcessDispatcher
-from twat_mp._engine.protocol import MODE_CALL, ChunkResult
+from twat_mp._engine.protocol import MODE_CALL, ChunkResult, Stage
 from twat_mp._engine.serialization import dumps, dumps_dill, dumps_function, find_unpicklable, loads, release
+from twat_mp._options import MapOptions
 from twat_mp.errors import SerializationError
 
 #: Chunks of unknown-length input grow until one takes about this long in a worker.
@@ -69,11 +70,7 @@ def run_batches(
     iterable: Iterable[Any],
     *,
     mode: int,
-    ordered: bool = True,
-    chunksize: int | None = None,
-    max_in_flight: int | None = None,
-    timeout: float | None = None,
-    retries: int = 0,
+    options: MapOptions,
     progress: Any = None,
 ) -> Iterator[list[Any]]:
     """Yield the results of ``fn`` over ``iterable``, computed by ``dispatcher``'s
@@ -82,6 +79,8 @@ def run_batches(
     ``max_in_flight`` bounds the chunks submitted but not yet yielded; ``None`` means
     unbounded for input of known length and ``4 × nodes`` for an iterator.
     """
+    ordered, chunksize, timeout, retries = options.ordered, options.chunksize, options.timeout, options.retries
+    max_in_flight = options.max_in_flight
     fnref = make_fnref(dispatcher, fn, mode)
     try:
         length: int | None = len(iterable)  # type: ignore[arg-type]
@@ -106,7 +105,7 @@ def run_batches(
         if not isinstance(outcome, BaseException):
             outcome = decode(outcome)
             error = outcome.error
-            if error is not None and error.type_name == "twat_mp.load" and not chunk.used_dill:
+            if error is not None and error.stage is Stage.LOAD and not chunk.used_dill:
                 encode(dispatcher, chunk, force_dill=True)  # e.g. a class defined after fork
                 dispatcher.submit(chunk)
                 return
@@ -177,7 +176,7 @@ def item_error(chunk: Chunk, outcome: ChunkResult) -> BaseException:
     error = outcome.error
     assert error is not None
     index = len(outcome.results)
-    if error.type_name.startswith("twat_mp."):
+    if error.stage is not Stage.CALL:
         return SerializationError(error.message)
     items = chunk.shown_items()
     item = items[index] if index < len(items) else None

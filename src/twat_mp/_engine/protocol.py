@@ -14,6 +14,7 @@ thread, so a bad payload fails there, at once, with the caller's traceback.
 
 from __future__ import annotations
 
+import enum
 import struct
 import traceback
 from typing import Any, NamedTuple
@@ -27,6 +28,15 @@ TASK, FUNC, STOP, RESULT, INIT_FAILED = range(5)
 MODE_ONE, MODE_STAR, MODE_CALL = range(3)
 
 
+class Stage(enum.IntEnum):
+    """Where in a worker an error happened."""
+
+    CALL = 0  # the user's function raised
+    LOAD = 1  # the worker could not unpickle the function or the items (retry with dill)
+    RESULT = 2  # a result could not be pickled
+    INIT = 3  # the initializer raised
+
+
 class RemoteError(NamedTuple):
     """A user exception caught in a worker, made safe to send back."""
 
@@ -34,6 +44,7 @@ class RemoteError(NamedTuple):
     type_name: str
     message: str
     traceback_str: str
+    stage: Stage = Stage.CALL
 
     @classmethod
     def capture(cls, exc: BaseException) -> RemoteError:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from twat_mp import state
 from twat_mp._engine import protocol
-from twat_mp._engine.protocol import HEADER, MODE_ONE, MODE_STAR, ChunkResult, RemoteError
+from twat_mp._engine.protocol import HEADER, MODE_ONE, MODE_STAR, ChunkResult, RemoteError, Stage
 from twat_mp._engine.serialization import dumps, find_unpicklable, loads
 
 PARENT_POLL_SECONDS = 0.25
@@ -44,8 +44,8 @@ def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: in
     return ChunkResult(results, None, worker_id, pid, time.perf_counter() - start)
 
 
-def _stage_error(stage: str, message: str) -> RemoteError:
-    return RemoteError(None, f"twat_mp.{stage}", message, "")
+def _stage_error(stage: Stage, message: str) -> RemoteError:
+    return RemoteError(None, f"twat_mp.{stage.name.lower()}", message, "", stage)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -93,7 +93,7 @@ def process_worker_main(task_r: Any, result_w: Any, worker_id: int, parent_pid: 
             except Exception:
                 where = find_unpicklable(result.results)
                 payload = dumps(ChunkResult([], _stage_error(
-                    "result", f"a result cannot be pickled: {where}"), worker_id, pid, result.elapsed))[0]
+                    Stage.RESULT, f"a result cannot be pickled: {where}"), worker_id, pid, result.elapsed))[0]
             result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0) + payload)
         elif kind == protocol.FUNC:
             if len(functions) >= FUNCTION_CACHE_SIZE:
@@ -111,11 +111,11 @@ def _run_task(functions: dict[int, tuple[Any, int]], token: int, body: memoryvie
     fn, mode = functions.get(token, (None, -1))
     if mode == -1:
         return ChunkResult([], _stage_error(
-            "load", f"the worker could not load the function: {fn!r}"), worker_id, pid, 0.0)
+            Stage.LOAD, f"the worker could not load the function: {fn!r}"), worker_id, pid, 0.0)
     try:
         items = loads(body)
     except Exception as exc:
         return ChunkResult([], _stage_error(
-            "load", f"the worker could not unpickle the items: {exc!r}"), worker_id, pid, 0.0)
+            Stage.LOAD, f"the worker could not unpickle the items: {exc!r}"), worker_id, pid, 0.0)
     return run_chunk(fn, mode, items, worker_id, pid)
 
