@@ -81,6 +81,7 @@ class MapOptions:
     retries: int = 0
     progress: bool | str = False
     ordered: bool = True
+    decorator: bool = False  # set by the decorators: errors read as the plain function's
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -140,7 +140,7 @@ def run_batches(
                 if not finished:
                     continue
                 chunk, outcome = finished.pop(next(iter(finished)))
-            yield from _unpack(chunk, outcome, progress)
+            yield from _unpack(chunk, outcome, progress, options.decorator)
     except (KeyboardInterrupt, SystemExit):
         dispatcher.terminate()  # Ctrl-C means stop now: every worker goes
         raise
@@ -150,7 +150,8 @@ def run_batches(
             release(chunk.payload)
 
 
-def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any) -> Iterator[list[Any]]:
+def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any,
+            decorator: bool = False) -> Iterator[list[Any]]:
     if isinstance(outcome, BaseException):
         raise outcome
     if progress is not None:
@@ -158,7 +159,7 @@ def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any) -
     if outcome.results:
         yield outcome.results
     if outcome.error is not None:
-        raise item_error(chunk, outcome)
+        raise item_error(chunk, outcome, decorator)
 
 
 def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
@@ -172,7 +173,7 @@ def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
             close()
 
 
-def item_error(chunk: Chunk, outcome: ChunkResult) -> BaseException:
+def item_error(chunk: Chunk, outcome: ChunkResult, decorator: bool = False) -> BaseException:
     error = outcome.error
     assert error is not None
     index = len(outcome.results)
@@ -180,7 +181,7 @@ def item_error(chunk: Chunk, outcome: ChunkResult) -> BaseException:
         return SerializationError(error.message)
     items = chunk.shown_items()
     item = items[index] if index < len(items) else None
-    return error.to_exception(item, outcome.worker_id, outcome.pid)
+    return error.to_exception(item, outcome.worker_id, outcome.pid, decorator=decorator)
 
 
 def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any, ...],

@@ -59,7 +59,8 @@ class RemoteError(NamedTuple):
             payload = None
         return cls(payload, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
 
-    def to_exception(self, item: Any, worker_id: int | None, pid: int | None) -> BaseException:
+    def to_exception(self, item: Any, worker_id: int | None, pid: int | None, *,
+                     decorator: bool = False) -> BaseException:
         """The exception to raise in the caller: the original type where possible, with a
         WorkerError (item, worker, remote traceback) as its cause."""
         from twat_mp._engine.serialization import loads
