@@ -13,6 +13,8 @@ from twat_mp._logging import set_debug_mode
 from twat_mp.aio import AsyncMultiPool, apmap
 from twat_mp.decorators import amap, imap, mmap, pmap, shutdown_warm_pools, warm_pool
 from twat_mp.errors import (
+    BrokenPoolError,
+    InitializerError,
     PoolClosedError,
     SerializationError,
     TaskTimeoutError,
@@ -25,6 +27,8 @@ from twat_mp.state import WorkerInfo, worker_info, worker_state
 __all__ = [
     "AsyncMultiPool",
     "AsyncResult",
+    "BrokenPoolError",
+    "InitializerError",
     "MultiPool",
     "PoolClosedError",
     "ProcessPool",

@@ -114,3 +114,16 @@ class SerializationError(TypeError):
 class PoolClosedError(RuntimeError):
     """A pool was used while it was not open: before ``with``, after it closed, or after
     it was terminated."""
+
+
+class BrokenPoolError(RuntimeError):
+    """The pool can no longer run work; the message names why."""
+
+
+class InitializerError(RuntimeError):
+    """A worker's initializer raised; the pool could not start that worker."""
+
+    def __init__(self, worker_id: int | None, worker_pid: int | None, detail: str) -> None:
+        self.worker_id = worker_id
+        self.worker_pid = worker_pid
+        super().__init__(f"the initializer failed in worker {worker_id} (pid {worker_pid}): {detail}")

@@ -2,36 +2,54 @@
 
 ::
 
-    submit(chunk) ─▶ pending deque ─┐                       ┌─▶ worker 0
-    cancel(chunk) ─▶ chunk.cancelled │  manager thread       ├─▶ worker 1
-    close()/terminate() ─▶ flags ───┴─▶ dispatch / wait ────┴─▶ ...
+    submit(chunk) ─▶ pending queues ─┐                        ┌─▶ worker slot 0 (tags)
+    cancel(chunk) ─▶ chunk.cancelled │  manager thread        ├─▶ worker slot 1
+    close()/terminate() ─▶ flags ────┴─▶ dispatch / wait ─────┴─▶ ...
                                           │   ▲
-          chunk.sink(chunk, outcome) ◀────┘   └── results, deaths, deadlines
+          chunk.sink(chunk, outcome) ◀────┘   └── results (by chunk id), deaths,
+          (on the manager thread: engine         deadlines, restarts due
+           sinks only queue the outcome)
 
-Callers only append to ``pending`` (thread-safe) and wake the manager. The manager
-hands a chunk to an idle worker, one at a time per worker, waits for results, worker
-deaths and deadlines, re-runs or fails the chunks of dead and timed-out workers, starts
-replacements, and calls each chunk's ``sink`` exactly once. Transports (processes,
-threads) subclass it and say how a worker starts, receives and is stopped.
+Callers only append to a pending queue (under the lock that also guards the
+closing flags, so nothing is appended after the manager has failed what was left)
+and wake the manager. The manager hands chunks to workers with room for them, waits
+for results, worker deaths, deadlines and restarts that are due, re-runs or fails the
+chunks of dead and timed-out workers, restarts workers as the pool's
+``RestartPolicy`` says, and calls each chunk's ``sink`` exactly once.
+
+Placement: a chunk may be pinned to one worker slot (``Chunk.slot``: a service replica
+keeps its state in one worker) or to any worker carrying a tag (``Chunk.tag``: a
+device). Transports (processes, threads, async processes) subclass ``Dispatcher`` and
+say how a worker starts, how many chunks it may hold, receives and is stopped.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from twat_mp._engine.protocol import MODE_CALL
+from twat_mp._engine.protocol import MODE_CALL, RemoteError
 from twat_mp._engine.serialization import release
 from twat_mp._logging import logger
-from twat_mp.errors import PoolClosedError, TaskTimeoutError, WorkerCrashedError
+from twat_mp.errors import (
+    BrokenPoolError,
+    InitializerError,
+    PoolClosedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
 
 #: A chunk is queued behind a busy worker only when that worker's chunks take less than
 #: this: then a round trip is a real share of the work. Longer chunks go to whichever
 #: worker is free first, which balances the load better.
 QUEUE_BEHIND_BELOW_SECONDS = 0.01
+#: Most chunks pinned to one worker that may wait in its queue behind the running one.
+PINNED_QUEUE_DEPTH = 64
 
 Outcome = Any  # ChunkResult, its pickled bytes, or a BaseException for the chunk
 Sink = Callable[["Chunk", Outcome], None]
@@ -50,15 +68,20 @@ class FnRef:
 
 
 class Chunk:
-    """A batch of items of one call, and where its outcome goes."""
+    """A batch of items of one call, and where its outcome goes.
 
-    __slots__ = ("attempts", "cancelled", "fn", "id", "items", "payload", "retries", "seq",
-                 "sink", "timeout", "used_dill")
+    ``slot`` pins it to one worker slot, ``tag`` to any worker with that tag; with
+    neither, any worker may run it.
+    """
+
+    __slots__ = ("attempts", "cancelled", "fn", "id", "items", "payload", "retries", "sent_at", "seq",
+                 "sink", "slot", "tag", "timeout", "used_dill")
 
     _ids = iter(range(1, 1 << 62))
 
     def __init__(self, fn: FnRef, items: list[Any], sink: Sink, *, seq: int = 0,
-                 timeout: float | None = None, retries: int = 0) -> None:
+                 timeout: float | None = None, retries: int = 0, slot: int | None = None,
+                 tag: str | None = None) -> None:
         self.id = next(Chunk._ids)
         self.seq = seq
         self.fn = fn
@@ -66,10 +89,13 @@ class Chunk:
         self.sink = sink
         self.timeout = timeout
         self.retries = retries
+        self.slot = slot
+        self.tag = tag
         self.attempts = 0
         self.cancelled = False
         self.payload: bytes | None = None
         self.used_dill = False
+        self.sent_at = 0.0
 
     def shown_items(self) -> list[Any]:
         """The items as a user sees them: a single call shows its arguments."""
@@ -83,27 +109,86 @@ class Worker:
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
-        self.chunks: collections.deque[Chunk] = collections.deque()  # sent, in the worker's order
-        self.started = 0.0  # when the chunk at the head of ``chunks`` started
+        self.chunks: dict[int, Chunk] = {}  # sent and not yet answered, in sending order
+        self.started = 0.0  # when the oldest chunk in ``chunks`` started (in-order workers)
         self.last_duration = float("inf")  # how long its previous chunk took
-        self.deadline: float | None = None
         self.tokens: dict[int, None] = {}  # functions the worker holds, oldest first
         self.timed_out = False
+        self.retiring = False  # asked to stop (max tasks reached): gets no more chunks
         self.pid: int | None = None
+
+    def item_started(self) -> float:
+        """When the item it runs now started (transports that publish it override)."""
+        return self.started
+
+    def item_index(self) -> int | None:
+        """Which item of its running chunk it runs now, if the transport knows."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSpec:
+    """How one worker slot is started: extra environment variables for its process,
+    and tags that chunks can target (a device name, for one). A replacement worker
+    starts from the same spec."""
+
+    env: tuple[tuple[str, str], ...] = ()
+    tags: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class RestartPolicy:
+    """What the manager does when a worker dies, or its initializer fails.
+
+    The default (a pool's) replaces a dead worker at once, with no limit, and treats a
+    failed initializer as fatal to the pool. ``max_restarts`` within ``window``
+    seconds bounds the restarts of one slot (beyond it the pool is broken);
+    ``backoff`` delays the n-th consecutive restart of a slot by
+    ``backoff * 2 ** (n - 1)`` seconds, at most ``max_backoff``.
+    """
+
+    max_restarts: int | None = None
+    window: float = 60.0
+    backoff: float = 0.0
+    max_backoff: float = 30.0
+    restart_on_init_failure: bool = False
+
+    def delay(self, recent: list[float], now: float) -> float | None:
+        """Seconds to wait before restarting a slot whose restarts happened at
+        ``recent`` (oldest first), or None to give up."""
+        within = [t for t in recent if now - t <= self.window]
+        if self.max_restarts is not None and len(within) >= self.max_restarts:
+            return None
+        if not self.backoff or not within:
+            return 0.0
+        return float(min(self.max_backoff, self.backoff * 2 ** (len(within) - 1)))
 
 
 class Dispatcher(ABC):
     kind = "?"
+    ships_bytes = False  # True where chunks and functions cross a process boundary
+    concurrency = 0  # calls one worker runs at once (async workers); 0: one at a time
     shm_prefix: str | None = None  # where large buffers of this engine's payloads go
+    in_order = True  # a worker answers its chunks in the order it got them
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, *, slots: Iterable[SlotSpec] | None = None,
+                 policy: RestartPolicy | None = None) -> None:
         self.nodes = nodes
-        self._pending: collections.deque[Chunk] = collections.deque()
+        self.slots = list(slots) if slots is not None else [SlotSpec()] * nodes
+        if len(self.slots) != nodes:
+            raise ValueError(f"got {len(self.slots)} slot specs for {nodes} workers")
+        self.policy = policy or RestartPolicy()
+        self._pending: collections.deque[Chunk] = collections.deque()  # any worker
+        self._pinned: dict[int, collections.deque[Chunk]] = collections.defaultdict(collections.deque)
+        self._tagged: dict[str, collections.deque[Chunk]] = collections.defaultdict(collections.deque)
         self._workers: dict[int, Worker] = {}
+        self._restarts: dict[int, list[float]] = collections.defaultdict(list)  # slot -> times
+        self._restart_due: dict[int, float] = {}  # slot -> when to start its replacement
         self._closing = False  # no new work; finish what is queued, then stop
         self._terminating = False  # stop now
+        self._finished = False  # the manager has failed what was left: submit refuses
         self._broken: BaseException | None = None
-        self._lock = threading.Lock()  # guards only the closing/terminating flags
+        self._lock = threading.Lock()  # guards the flags above and the pending queues' appends
         for slot in range(nodes):
             self._workers[slot] = self._start_worker(slot)  # in the caller: errors surface here
         self._thread = threading.Thread(target=self._run, name=f"twat-mp-{self.kind}-manager", daemon=True)
@@ -120,13 +205,28 @@ class Dispatcher(ABC):
         """Why the dispatcher stopped working (initializer failure, start failure)."""
         return self._broken
 
+    def tags(self) -> set[str]:
+        return {tag for spec in self.slots for tag in spec.tags}
+
     def submit(self, chunk: Chunk) -> None:
-        if self._broken is not None:
-            raise self._broken
-        if self._closing or self._terminating:
-            raise PoolClosedError("the pool is closed; create a new one to submit more work")
-        self._pending.append(chunk)
+        if chunk.slot is not None and not 0 <= chunk.slot < self.nodes:
+            raise ValueError(f"no worker slot {chunk.slot} in a pool of {self.nodes}")
+        if chunk.tag is not None and chunk.tag not in self.tags():
+            raise ValueError(f"no worker has the tag {chunk.tag!r}; tags: {sorted(self.tags())}")
+        with self._lock:  # as concurrent.futures: a submit never slips past a terminate
+            if self._broken is not None:
+                raise self._broken
+            if self._closing or self._terminating or self._finished:
+                raise PoolClosedError("the pool is closed; create a new one to submit more work")
+            self._queue_for(chunk).append(chunk)
         self._wake()
+
+    def _queue_for(self, chunk: Chunk) -> collections.deque[Chunk]:
+        if chunk.slot is not None:
+            return self._pinned[chunk.slot]
+        if chunk.tag is not None:
+            return self._tagged[chunk.tag]
+        return self._pending
 
     @staticmethod
     def cancel(chunk: Chunk) -> None:
@@ -155,8 +255,9 @@ class Dispatcher(ABC):
 
     @abstractmethod
     def _wait(self, timeout: float | None) -> list[tuple[str, Worker, Any]]:
-        """Block until something happens; return events ("result", worker, outcome),
-        ("dead", worker, exitcode) or ("init_failed", worker, message)."""
+        """Block until something happens; return events ("result", worker,
+        (chunk_id, outcome)), ("dead", worker, exitcode), ("init_failed", worker,
+        RemoteError) or ("retire", worker, None)."""
 
     @abstractmethod
     def _wake(self) -> None: ...
@@ -169,21 +270,62 @@ class Dispatcher(ABC):
     def _stop_all(self, graceful: bool) -> None:
         """Stop every worker and release every resource of the transport."""
 
+    def _retire(self, worker: Worker) -> None:
+        """Ask a worker to exit once it has answered its chunks (a "dead" event follows)."""
+        self._kill(worker)
+
+    def _has_room(self, worker: Worker, chunk: Chunk) -> bool:
+        """May ``worker`` take ``chunk`` now? An idle worker always may. A busy one may
+        queue a chunk behind the one it runs when that saves a round trip: pinned work
+        (a replica's calls), or short chunks of work without a timeout, where the
+        transport says it is safe (``_can_queue``)."""
+        held = worker.chunks
+        if not held:
+            return True
+        if chunk.timeout is not None or any(c.timeout is not None for c in held.values()):
+            return False
+        if chunk.slot is not None:
+            return len(held) < PINNED_QUEUE_DEPTH and self._can_queue(worker, chunk)
+        return (len(held) == 1 and worker.last_duration < QUEUE_BEHIND_BELOW_SECONDS
+                and self._can_queue(worker, chunk))
+
+    def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
+        """May ``chunk`` wait in ``worker``'s queue behind what it runs? (The transport's
+        say; the dispatcher already decided that queueing is worth it.)"""
+        return True
+
+    def _started_chunks(self, worker: Worker) -> list[Chunk]:
+        """The chunks a worker had started when it died (the rest never ran)."""
+        return [next(iter(worker.chunks.values()))] if worker.chunks else []
+
+    def _deadline(self, worker: Worker) -> float | None:
+        """When ``worker`` must be stopped unless it answers (None: no limit). For an
+        in-order worker: its running item's start plus the running chunk's timeout."""
+        if not worker.chunks or worker.timed_out:
+            return None
+        head = next(iter(worker.chunks.values()))
+        if head.timeout is None:
+            return None
+        return max(worker.started, worker.item_started()) + head.timeout
+
     # -- the manager thread ------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._terminating:
-                self._dispatch()  # first: it drops cancelled chunks from ``pending``
-                if self._closing and not self._pending and not self._busy():
+                self._start_due()
+                self._dispatch()  # first: it drops cancelled chunks from the queues
+                if self._closing and not self._has_pending() and not self._busy():
                     break
-                for event, worker, value in self._wait(self._next_deadline()):
+                for event, worker, value in self._wait(self._next_wakeup()):
                     self._handle(event, worker, value)
                 self._check_deadlines()
         except BaseException as exc:  # a bug here must fail the calls, never hang them
             logger.exception("twat-mp manager thread failed")
-            self._broken = RuntimeError(f"twat-mp {self.kind} pool manager failed: {exc!r}")
+            self._broken = BrokenPoolError(f"the {self.kind} pool's manager thread failed: {exc!r}")
+            self._broken.__cause__ = exc
         finally:
-            self._closing = True
+            with self._lock:
+                self._closing = self._finished = True
             try:
                 self._stop_all(graceful=not self._terminating and self._broken is None)
             finally:
@@ -191,50 +333,58 @@ class Dispatcher(ABC):
                     "the pool was terminated before this work finished"))
             logger.debug("{} dispatcher stopped", self.kind)
 
+    def _has_pending(self) -> bool:
+        return bool(self._pending) or any(self._pinned.values()) or any(self._tagged.values())
+
     def _busy(self) -> bool:
         return any(w.chunks for w in self._workers.values())
 
     def _dispatch(self) -> None:
-        """Give each idle worker a chunk; then queue one more behind a busy worker where
-        the transport says it is safe, so workers never wait for their next chunk."""
-        for depth in (0, 1):
-            ready = [w for w in self._workers.values() if len(w.chunks) == depth and not w.timed_out]
-            while ready and self._pending:
-                chunk = self._pending[0]
-                if chunk.cancelled:
-                    self._pending.popleft()
+        """Hand out chunks, one per worker per round, until no worker takes more."""
+        progressed = True
+        while progressed and self._has_pending():
+            progressed = False
+            for worker in list(self._workers.values()):
+                if worker.timed_out or worker.retiring:
                     continue
-                worker = ready[-1]
-                if depth and not (chunk.timeout is None and worker.chunks[0].timeout is None
-                                  and worker.last_duration < QUEUE_BEHIND_BELOW_SECONDS
-                                  and self._can_queue(worker, chunk)):
-                    break
-                self._pending.popleft()
-                ready.pop()
-                if not depth:
+                chunk = self._next_for(worker)
+                if chunk is None or not self._has_room(worker, chunk):
+                    continue
+                self._queue_for(chunk).popleft()
+                if not worker.chunks:
                     worker.started = time.monotonic()
-                    if chunk.timeout:
-                        worker.deadline = worker.started + chunk.timeout * len(chunk.items)
-                worker.chunks.append(chunk)
+                chunk.sent_at = time.monotonic()
+                worker.chunks[chunk.id] = chunk
                 self._send(worker, chunk)
+                progressed = True
 
-    def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
-        """May ``chunk`` wait in ``worker``'s queue behind the one it runs? (The
-        transport's say; the dispatcher already requires short chunks and no timeout.)"""
-        return True
+    def _next_for(self, worker: Worker) -> Chunk | None:
+        """The next chunk ``worker`` should run: pinned to its slot first, then tagged
+        with one of its tags, then any. Cancelled chunks are dropped on the way."""
+        queues = [self._pinned.get(worker.slot)]
+        queues += [self._tagged.get(tag) for tag in self.slots[worker.slot].tags]
+        queues.append(self._pending)
+        for queue in queues:
+            while queue:
+                if queue[0].cancelled:
+                    queue.popleft()
+                    continue
+                return queue[0]
+        return None
 
-    def _next_deadline(self) -> float | None:
-        deadlines = [w.deadline for w in self._workers.values() if w.deadline is not None]
-        if not deadlines:
+    def _next_wakeup(self) -> float | None:
+        times = [d for d in map(self._deadline, self._workers.values()) if d is not None]
+        times += self._restart_due.values()
+        if not times:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        return max(0.0, min(times) - time.monotonic())
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for worker in list(self._workers.values()):
-            if worker.deadline is not None and worker.deadline <= now and not worker.timed_out:
+            deadline = self._deadline(worker)
+            if deadline is not None and deadline <= now:
                 worker.timed_out = True
-                worker.deadline = None
                 logger.debug("worker {} ran past its deadline; stopping it", worker.slot)
                 self._kill(worker)
 
@@ -242,52 +392,100 @@ class Dispatcher(ABC):
         if self._workers.get(worker.slot) is not worker:
             return  # a late event from a worker already replaced
         if event == "result":
-            chunk = worker.chunks.popleft() if worker.chunks else None
-            worker.deadline = None
+            chunk_id, outcome = value
+            chunk = worker.chunks.pop(chunk_id, None)
             now = time.monotonic()
-            worker.last_duration, worker.started = now - worker.started, now
+            if self.in_order:
+                worker.last_duration, worker.started = now - worker.started, now
             if chunk is not None and not chunk.cancelled:
-                self._deliver(chunk, value)
-            elif isinstance(value, (bytes, memoryview)):
-                release(value)  # nobody will unpickle it: free its shared memory
+                self._deliver(chunk, outcome)
+            elif isinstance(outcome, (bytes, memoryview)):
+                release(outcome)  # nobody will unpickle it: free its shared memory
         elif event == "dead":
             self._on_death(worker, value)
+        elif event == "retire":
+            worker.retiring = True
+            self._retire(worker)
         elif event == "init_failed":
-            self._broken = RuntimeError(
-                f"the worker initializer failed, so the pool cannot start workers: {value}")
-            self._terminating = True
+            self._on_init_failure(worker, value)
+
+    def _on_init_failure(self, worker: Worker, error: RemoteError) -> None:
+        failure = InitializerError(worker.slot, worker.pid,
+                                   f"{error.type_name}: {error.message}\n{error.traceback_str}")
+        if self.policy.restart_on_init_failure:
+            self._kill(worker)  # its death is handled (and restarted) as any other
+            return
+        self._broken = BrokenPoolError(f"the worker initializer failed, so the pool cannot start workers: "
+                                       f"{error.type_name}: {error.message}")
+        self._broken.__cause__ = failure
+        self._terminating = True
 
     def _on_death(self, worker: Worker, exitcode: int | None) -> None:
         del self._workers[worker.slot]
-        chunk = worker.chunks.popleft() if worker.chunks else None  # the one it was running
-        for waiting in reversed(worker.chunks):  # never started: back to the front, no retry used
-            self._pending.appendleft(waiting)
+        started = self._started_chunks(worker)
+        for waiting in reversed([c for c in worker.chunks.values() if c not in started]):
+            self._queue_for(waiting).appendleft(waiting)  # never started: no retry used
         worker.chunks.clear()
         logger.debug("worker {} (pid {}) ended with {}", worker.slot, worker.pid, exitcode)
         if not (self._closing or self._terminating):
-            try:
-                self._workers[worker.slot] = self._start_worker(worker.slot)
-            except Exception as exc:
-                self._broken = RuntimeError(f"cannot start a replacement worker: {exc!r}")
-                self._terminating = True
-        if chunk is None or chunk.cancelled:
+            self._schedule_restart(worker, exitcode)
+        for chunk in started:
+            if chunk.cancelled:
+                continue
+            error: BaseException
+            if worker.timed_out:
+                items = chunk.shown_items()
+                index = worker.item_index() if self.in_order else None
+                if index is not None and 0 <= index < len(items):
+                    items = [items[index]]
+                error = TaskTimeoutError(items, chunk.timeout or 0.0, worker.slot)
+            else:
+                error = WorkerCrashedError(chunk.shown_items(), worker.slot, worker.pid, exitcode)
+            if chunk.attempts < chunk.retries and not self._terminating:
+                chunk.attempts += 1
+                logger.debug("re-running chunk {} (attempt {})", chunk.id, chunk.attempts + 1)
+                self._queue_for(chunk).appendleft(chunk)
+            else:
+                self._deliver(chunk, error)
+
+    def _schedule_restart(self, worker: Worker, exitcode: int | None) -> None:
+        now = time.monotonic()
+        recent = self._restarts[worker.slot]
+        if worker.retiring and not worker.timed_out:
+            delay: float | None = 0.0  # a planned exit (max tasks reached) is no failure
+        else:
+            delay = self.policy.delay(recent, now)
+            recent.append(now)
+            del recent[:-64]
+        if delay is None:
+            self._broken = BrokenPoolError(
+                f"worker slot {worker.slot} died {len(recent)} times within {self.policy.window:g}s "
+                f"(last exit {exitcode}); the restart policy allows {self.policy.max_restarts}")
+            self._terminating = True
             return
-        error: BaseException
-        if worker.timed_out:
-            error = TaskTimeoutError(chunk.shown_items(), chunk.timeout or 0.0, worker.slot)
-        else:
-            error = WorkerCrashedError(chunk.shown_items(), worker.slot, worker.pid, exitcode)
-        if chunk.attempts < chunk.retries and not self._terminating:
-            chunk.attempts += 1
-            logger.debug("re-running chunk {} (attempt {})", chunk.id, chunk.attempts + 1)
-            self._pending.appendleft(chunk)
-        else:
-            self._deliver(chunk, error)
+        self._restart_due[worker.slot] = now + delay
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for slot, due in list(self._restart_due.items()):
+            if due > now or self._closing:
+                continue
+            del self._restart_due[slot]
+            try:
+                self._workers[slot] = self._start_worker(slot)
+            except Exception as exc:
+                self._broken = BrokenPoolError(f"cannot start a replacement worker for slot {slot}: {exc!r}")
+                self._broken.__cause__ = exc
+                self._terminating = True
+                return
 
     def _fail_outstanding(self, error: BaseException) -> None:
-        chunks = [chunk for w in self._workers.values() for chunk in w.chunks]
-        chunks += list(self._pending)
-        self._pending.clear()
+        chunks = [chunk for w in self._workers.values() for chunk in w.chunks.values()]
+        with self._lock:
+            queues = [self._pending, *self._pinned.values(), *self._tagged.values()]
+            for queue in queues:
+                chunks += list(queue)
+                queue.clear()
         for worker in self._workers.values():
             worker.chunks.clear()
         for chunk in chunks:
@@ -296,7 +494,11 @@ class Dispatcher(ABC):
 
     @staticmethod
     def _deliver(chunk: Chunk, outcome: Outcome) -> None:
+        """Hand an outcome to its sink. Sinks are the engine's own and only queue the
+        outcome for another thread; one that raises is a bug, reported through
+        ``threading.excepthook`` (never dropped), and the manager goes on."""
         try:
             chunk.sink(chunk, outcome)
         except Exception:
-            logger.exception("twat-mp: a result sink failed")
+            exc_type, exc, tb = sys.exc_info()
+            threading.excepthook(threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread())))

@@ -1,24 +1,39 @@
 """The caller's side of a map: cut the input into chunks, keep a bounded number in
 flight, and hand results back in input order (or as they finish).
 
-The caller's thread runs this generator, so the user's input iterator is only ever
-advanced in the caller's thread, and pickling errors surface there at once.
+::
+
+    MapJob (one per map call)             drivers
+    ─────────────────────────             ───────
+    fill(): read input, make chunks,      run_batches: a generator for sync callers,
+            pickle, submit ≤ bound        blocks on a SimpleQueue that sinks fill
+    accept(chunk, outcome): unpickle,     run_batches_async: an async generator; sinks
+            retry, adapt chunk size       wake the caller's loop (call_soon_threadsafe)
+    ready(): the next chunk to yield
+
+The caller's thread (or event loop) runs this, so the user's input iterator is only
+ever advanced there, and pickling errors surface there at once. Nothing here knows
+which transport runs the chunks: a dispatcher says whether it ships bytes
+(``ships_bytes``) and how many calls a worker runs at once (``concurrency``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import queue
-from typing import Any, Callable, Iterable, Iterator
+import sys
+import threading
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, FnRef
-from twat_mp._engine.process import ProcessDispatcher
 from twat_mp._engine.protocol import MODE_CALL, ChunkResult, Stage
 from twat_mp._engine.serialization import dumps, dumps_dill, dumps_function, find_unpicklable, loads, release
 from twat_mp._options import MapOptions
-from twat_mp.errors import SerializationError
+from twat_mp.errors import SerializationError, TaskTimeoutError
 
 #: Chunks of unknown-length input grow until one takes about this long in a worker.
 TARGET_CHUNK_SECONDS = 0.02
@@ -26,19 +41,21 @@ MAX_ADAPTIVE_CHUNK = 8192
 
 
 def make_fnref(dispatcher: Dispatcher, fn: Callable[..., Any], mode: int) -> FnRef:
-    """Prepare ``fn`` for ``dispatcher``. For processes it is pickled now (every call, so
-    a notebook function picks up the globals it sees now), and its token is the hash of
-    its bytes, so workers that already hold the same bytes are not sent them again."""
+    """Prepare ``fn`` for ``dispatcher``. Where it ships bytes, the function is pickled
+    (``dumps_function`` re-uses its bytes while the function and the globals it reads
+    are unchanged, so a notebook function picks up a global re-bound in a later cell),
+    and its token is the hash of its bytes: workers that hold them are not sent them
+    again."""
     if not callable(fn):
         raise TypeError(f"expected a callable to map, got {fn!r} of type {type(fn).__qualname__}")
-    if isinstance(dispatcher, ProcessDispatcher):
+    if dispatcher.ships_bytes:
         payload = dumps_function(fn) + bytes([mode])
         return FnRef(fn, mode, payload, hash(payload) & (2**64 - 1))
     return FnRef(fn, mode, None, 0)
 
 
 def encode(dispatcher: Dispatcher, chunk: Chunk, *, force_dill: bool = False) -> None:
-    if not isinstance(dispatcher, ProcessDispatcher):
+    if not dispatcher.ships_bytes:
         return
     try:
         if force_dill:
@@ -57,109 +74,181 @@ def decode(outcome: Any) -> ChunkResult:
     return result
 
 
-def auto_chunksize(length: int | None, nodes: int) -> int | None:
-    """Four chunks per worker for input of known length (as the stdlib Pool does)."""
+def auto_chunksize(length: int | None, nodes: int, concurrency: int = 0) -> int | None:
+    """Four chunks per worker for input of known length (as the stdlib Pool does); for
+    async workers, at most ``concurrency`` items a chunk, so every worker stays full."""
     if length is None or length <= 0:
-        return None
-    return max(1, math.ceil(length / (nodes * 4)))
+        return max(1, concurrency // 4) if concurrency else None
+    size = max(1, math.ceil(length / (nodes * 4)))
+    return min(size, concurrency) if concurrency else size
 
 
-def run_batches(
-    dispatcher: Dispatcher,
-    fn: Callable[..., Any],
-    iterable: Iterable[Any],
-    *,
-    mode: int,
-    options: MapOptions,
-    progress: Any = None,
-) -> Iterator[list[Any]]:
-    """Yield the results of ``fn`` over ``iterable``, computed by ``dispatcher``'s
-    workers, one list per chunk (so an eager map flattens them at C speed).
+class MapJob:
+    """The state of one map: what was submitted, what came back, what to yield next."""
 
-    ``max_in_flight`` bounds the chunks submitted but not yet yielded; ``None`` means
-    unbounded for input of known length and ``4 × nodes`` for an iterator.
-    """
-    ordered, chunksize, timeout, retries = options.ordered, options.chunksize, options.timeout, options.retries
-    max_in_flight = options.max_in_flight
-    fnref = make_fnref(dispatcher, fn, mode)
-    try:
-        length: int | None = len(iterable)  # type: ignore[arg-type]
-    except TypeError:
-        length = None
-    fixed = chunksize or (1 if timeout else auto_chunksize(length, dispatcher.nodes))
-    size = fixed or 1
-    if max_in_flight is None and length is None:
-        max_in_flight = 4 * dispatcher.nodes
-    results: queue.SimpleQueue[tuple[Chunk, Any]] = queue.SimpleQueue()
-    sink = lambda chunk, outcome: results.put((chunk, outcome))  # noqa: E731
-    source = iter(iterable)
-    outstanding: dict[int, Chunk] = {}
-    finished: dict[int, tuple[Chunk, ChunkResult | BaseException]] = {}
-    next_seq = next_yield = 0
-    exhausted = False
+    def __init__(self, dispatcher: Dispatcher, fn: Callable[..., Any], iterable: Iterable[Any], *,
+                 mode: int, options: MapOptions, sink: Callable[[Chunk, Any], None]) -> None:
+        self.dispatcher = dispatcher
+        self.options = options
+        self.sink = sink
+        self.fnref = make_fnref(dispatcher, fn, mode)
+        try:
+            length: int | None = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            length = None
+        concurrency = dispatcher.concurrency
+        self.fixed = options.chunksize or auto_chunksize(length, dispatcher.nodes, concurrency)
+        self.size = self.fixed or 1
+        self.max_in_flight = options.max_in_flight
+        if self.max_in_flight is None and length is None:
+            self.max_in_flight = 4 * dispatcher.nodes
+            if concurrency:
+                self.max_in_flight = math.ceil(2 * dispatcher.nodes * concurrency / self.size) + dispatcher.nodes
+        self.source = iter(iterable)
+        self.outstanding: dict[int, Chunk] = {}
+        self.finished: dict[int, tuple[Chunk, ChunkResult | BaseException]] = {}
+        self.next_seq = self.next_yield = 0
+        self.exhausted = False
 
-    def receive() -> None:
-        nonlocal size
-        chunk, outcome = results.get()
+    def fill(self) -> None:
+        """Submit chunks until the in-flight bound or the end of the input."""
+        bound = self.max_in_flight
+        while not self.exhausted and (bound is None or len(self.outstanding) + len(self.finished) < bound):
+            items = list(itertools.islice(self.source, self.size))
+            if not items:
+                self.exhausted = True
+                break
+            chunk = Chunk(self.fnref, items, self.sink, seq=self.next_seq, timeout=self.options.timeout,
+                          retries=self.options.retries)
+            encode(self.dispatcher, chunk)
+            self.dispatcher.submit(chunk)
+            self.outstanding[self.next_seq] = chunk
+            self.next_seq += 1
+
+    @property
+    def done(self) -> bool:
+        return not self.outstanding and not self.finished
+
+    def accept(self, chunk: Chunk, outcome: Any) -> None:
+        """Take a chunk's outcome from its sink: unpickle it, re-send what a worker
+        could not load (pickled with dill) or what timed out (if retries are left)."""
         release(chunk.payload)  # the task's shared memory: no longer needed
+        if self.outstanding.get(chunk.seq) is not chunk:
+            return  # abandoned
         if not isinstance(outcome, BaseException):
             outcome = decode(outcome)
             error = outcome.error
             if error is not None and error.stage is Stage.LOAD and not chunk.used_dill:
-                encode(dispatcher, chunk, force_dill=True)  # e.g. a class defined after fork
-                dispatcher.submit(chunk)
+                encode(self.dispatcher, chunk, force_dill=True)  # e.g. a class defined after fork
+                self.dispatcher.submit(chunk)
                 return
-            if fixed is None and outcome.results and outcome.elapsed > 0:
+            if error is not None and error.stage is Stage.TIMEOUT and chunk.attempts < chunk.retries:
+                chunk.attempts += 1
+                encode(self.dispatcher, chunk)
+                self.dispatcher.submit(chunk)
+                return
+            if self.fixed is None and outcome.results and outcome.elapsed > 0:
                 per_item = outcome.elapsed / len(chunk.items)
-                size = max(1, min(size * 2, MAX_ADAPTIVE_CHUNK, int(TARGET_CHUNK_SECONDS / per_item)))
-        outstanding.pop(chunk.seq, None)
-        finished[chunk.seq] = (chunk, outcome)
+                self.size = max(1, min(self.size * 2, MAX_ADAPTIVE_CHUNK, int(TARGET_CHUNK_SECONDS / per_item)))
+        del self.outstanding[chunk.seq]
+        self.finished[chunk.seq] = (chunk, outcome)
 
+    def ready(self) -> tuple[Chunk, ChunkResult | BaseException] | None:
+        """The next chunk to yield, if it is here (in input order, or any if unordered)."""
+        if self.options.ordered:
+            if self.next_yield not in self.finished:
+                return None
+            found = self.finished.pop(self.next_yield)
+            self.next_yield += 1
+            return found
+        if not self.finished:
+            return None
+        return self.finished.pop(next(iter(self.finished)))
+
+    def unpack(self, chunk: Chunk, outcome: ChunkResult | BaseException,
+               progress: Any) -> tuple[list[Any], BaseException | None]:
+        """A chunk's results, and the error to raise once they are yielded."""
+        if isinstance(outcome, BaseException):
+            return [], outcome
+        if progress is not None:
+            progress.update(len(outcome.results))
+        if outcome.error is None:
+            return outcome.results, None
+        return outcome.results, item_error(chunk, outcome, self.options.decorator)
+
+    def abandon(self) -> None:
+        if sys.is_finalizing():
+            return  # interpreter exit: the pools are terminated and sweep their segments
+        for chunk in self.outstanding.values():
+            self.dispatcher.cancel(chunk)
+            release(chunk.payload)
+        self.outstanding.clear()
+
+
+def run_batches(dispatcher: Dispatcher, fn: Callable[..., Any], iterable: Iterable[Any], *, mode: int,
+                options: MapOptions, progress: Any = None) -> Iterator[list[Any]]:
+    """Yield the results of ``fn`` over ``iterable``, computed by ``dispatcher``'s
+    workers, one list per chunk (so an eager map flattens them at C speed).
+
+    ``options.max_in_flight`` bounds the chunks submitted but not yet yielded; ``None``
+    means unbounded for input of known length and a few per worker for an iterator.
+    """
+    results: queue.SimpleQueue[tuple[Chunk, Any]] = queue.SimpleQueue()
+    job = MapJob(dispatcher, fn, iterable, mode=mode, options=options,
+                 sink=lambda chunk, outcome: results.put((chunk, outcome)))
     try:
         while True:
-            while not exhausted and (max_in_flight is None or len(outstanding) + len(finished) < max_in_flight):
-                items = list(itertools.islice(source, size))
-                if not items:
-                    exhausted = True
-                    break
-                chunk = Chunk(fnref, items, sink, seq=next_seq, timeout=timeout, retries=retries)
-                encode(dispatcher, chunk)
-                dispatcher.submit(chunk)
-                outstanding[next_seq] = chunk
-                next_seq += 1
-            if not outstanding and not finished:
+            job.fill()
+            if job.done:
                 return
-            if ordered:
-                while next_yield not in finished:
-                    receive()
-                chunk, outcome = finished.pop(next_yield)
-                next_yield += 1
-            else:
-                if not finished:
-                    receive()
-                if not finished:
-                    continue
-                chunk, outcome = finished.pop(next(iter(finished)))
-            yield from _unpack(chunk, outcome, progress, options.decorator)
+            found = job.ready()
+            while found is None:
+                job.accept(*results.get())
+                found = job.ready()
+            batch, error = job.unpack(*found, progress)
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
     except (KeyboardInterrupt, SystemExit):
         dispatcher.terminate()  # Ctrl-C means stop now: every worker goes
         raise
     finally:
-        for chunk in outstanding.values():
-            dispatcher.cancel(chunk)
+        job.abandon()
+
+
+async def run_batches_async(dispatcher: Dispatcher, fn: Callable[..., Any], iterable: Iterable[Any], *,
+                            mode: int, options: MapOptions, progress: Any = None) -> AsyncIterator[list[Any]]:
+    """``run_batches`` for a caller on an event loop: the manager's sink wakes the loop
+    (``call_soon_threadsafe``); nothing polls."""
+    loop = asyncio.get_running_loop()
+    results: asyncio.Queue[tuple[Chunk, Any]] = asyncio.Queue()
+
+    def sink(chunk: Chunk, outcome: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(results.put_nowait, (chunk, outcome))
+        except RuntimeError:  # the caller's loop has closed: nobody will read it
             release(chunk.payload)
+            if isinstance(outcome, (bytes, memoryview)):
+                release(outcome)
 
-
-def _unpack(chunk: Chunk, outcome: ChunkResult | BaseException, progress: Any,
-            decorator: bool = False) -> Iterator[list[Any]]:
-    if isinstance(outcome, BaseException):
-        raise outcome
-    if progress is not None:
-        progress.update(len(outcome.results))
-    if outcome.results:
-        yield outcome.results
-    if outcome.error is not None:
-        raise item_error(chunk, outcome, decorator)
+    job = MapJob(dispatcher, fn, iterable, mode=mode, options=options, sink=sink)
+    try:
+        while True:
+            job.fill()
+            if job.done:
+                return
+            found = job.ready()
+            while found is None:
+                job.accept(*await results.get())
+                found = job.ready()
+            batch, error = job.unpack(*found, progress)
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
+    finally:
+        job.abandon()
 
 
 def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
@@ -176,21 +265,52 @@ def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
 def item_error(chunk: Chunk, outcome: ChunkResult, decorator: bool = False) -> BaseException:
     error = outcome.error
     assert error is not None
-    index = len(outcome.results)
-    if error.stage is not Stage.CALL:
-        return SerializationError(error.message)
+    index = outcome.failed_at()
     items = chunk.shown_items()
     item = items[index] if index < len(items) else None
+    if error.stage is Stage.TIMEOUT:
+        return TaskTimeoutError([item], chunk.timeout or 0.0, outcome.worker_id)
+    if error.stage is not Stage.CALL:
+        return SerializationError(error.message)
     return error.to_exception(item, outcome.worker_id, outcome.pid, decorator=decorator)
 
 
+# -- single calls ----------------------------------------------------------------------
+class _Completions:
+    """One thread per process that completes ``submit`` futures, so that a future's
+    done-callbacks (user code) never run on a manager thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def put(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # first use, or after fork
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,),
+                                                name="twat-mp-completions", daemon=True)
+                self._thread.start()
+            self._queue.put(work)
+
+    @staticmethod
+    def _run(work_queue: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            work_queue.get()()
+
+
+completions = _Completions()
+
+
 def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any, ...],
-                kwargs: dict[str, Any], *, timeout: float | None = None,
-                retries: int = 0) -> concurrent.futures.Future[Any]:
-    """Run ``fn(*args, **kwargs)`` in a worker; return a Future of its result."""
+                kwargs: dict[str, Any], *, timeout: float | None = None, retries: int = 0,
+                slot: int | None = None, tag: str | None = None) -> concurrent.futures.Future[Any]:
+    """Run ``fn(*args, **kwargs)`` in a worker (in slot ``slot``, or a worker tagged
+    ``tag``, if given); return a Future of its result."""
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-    def sink(chunk: Chunk, outcome: Any) -> None:
+    def resolve(chunk: Chunk, outcome: Any) -> None:
         release(chunk.payload)
         if future.cancelled():
             if isinstance(outcome, (bytes, memoryview)):
@@ -201,16 +321,23 @@ def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any,
                 raise outcome
             result = decode(outcome)
             if result.error is not None:
+                if result.error.stage is Stage.LOAD and not chunk.used_dill:
+                    encode(dispatcher, chunk, force_dill=True)
+                    dispatcher.submit(chunk)
+                    return
                 raise item_error(chunk, result)
             value = result.results[0]
         except BaseException as exc:
-            future.set_exception(exc)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+                future.set_exception(exc)
         else:
-            future.set_result(value)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_result(value)
 
-    chunk = Chunk(make_fnref(dispatcher, fn, MODE_CALL), [(args, kwargs)], sink, timeout=timeout, retries=retries)
+    chunk = Chunk(make_fnref(dispatcher, fn, MODE_CALL), [(args, kwargs)],
+                  lambda c, outcome: completions.put(lambda: resolve(c, outcome)),
+                  timeout=timeout, retries=retries, slot=slot, tag=tag)
     encode(dispatcher, chunk)
     future.add_done_callback(lambda f: f.cancelled() and dispatcher.cancel(chunk))
     dispatcher.submit(chunk)
     return future
-

@@ -1,53 +1,86 @@
-"""Worker processes: the process transport of the dispatcher.
+"""Worker processes: the process transport of the dispatcher, sync or asyncio.
 
 ::
 
-    manager thread                                  worker process (fork or spawn)
-    ──────────────                                  ──────────────────────────────
+    manager thread                                  worker process (fork, spawn, forkserver)
+    ──────────────                                  ────────────────────────────────────────
     task_w.send_bytes(FUNC frame, once per token) ─▶ task_r ─▶ cache function
-    task_w.send_bytes(TASK frame)                 ─▶ task_r ─▶ run_chunk ─┐
-    result_r ◀── RESULT frame ◀───────────────────── result_w ◀───────────┘
-    proc.sentinel ready ─▶ worker died: re-run or fail its chunk, start a replacement
+    task_w.send_bytes(TASK frame)                 ─▶ task_r ─▶ run the chunk ─┐
+    result_r ◀── RESULT frame (by chunk id) ◀──────── result_w ◀──────────────┘
+    stamp[0] ◀── start of the running item (sync workers, chunks with a timeout)
+    proc.sentinel ready ─▶ worker died: re-run or fail its chunks, restart its slot
 
 Processes and pipes come from ``multiprocess`` (pathos's process layer, with dill), so
-``spawn`` can start workers from a notebook. A worker runs one chunk and may have one
-more waiting in its pipe only if that chunk (with its function, if not yet sent) fits in
-16 KiB, far below the pipe's buffer: the manager's writes never block on a worker that is
-itself blocked writing a result, so the pipes cannot deadlock.
+``spawn`` can start workers from a notebook.
+
+A sync worker runs one chunk at a time. Behind it the manager may queue more only
+while everything queued fits in the task pipe's buffer (raised to 1 MiB where the
+kernel allows): the manager's writes then never block on a worker that is itself
+blocked writing a result, so the pipes cannot deadlock. An async worker
+(``concurrency > 0``) reads its pipe on a thread of its own, so it takes many chunks
+at once (up to twice ``concurrency`` items) and answers them in any order.
 """
 
 from __future__ import annotations
 
+import fcntl
+import math
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import multiprocess
 from multiprocess.connection import wait as mp_wait
 
 from twat_mp._engine import protocol, shm
-from twat_mp._engine.dispatcher import Chunk, Dispatcher, Worker
+from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker
 from twat_mp._engine.protocol import HEADER
-from twat_mp._engine.serialization import dumps_dill
-from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, process_worker_main
+from twat_mp._engine.serialization import dumps_dill, loads
+from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, WorkerSetup, async_worker_main, process_worker_main
 
 STOP_GRACE_SECONDS = 1.0
-QUEUE_BEHIND_MAX_BYTES = 16 * 1024  # well under the smallest pipe buffer (64 KiB on Linux)
+PIPE_BYTES = 1 << 20  # asked of the kernel for each task pipe (F_SETPIPE_SZ)
+MIN_QUEUE_BYTES = 16 * 1024  # well under the smallest pipe buffer (64 KiB on Linux)
+ASYNC_DEADLINE_GRACE = 1.0  # an async worker enforces timeouts itself; this is a backstop
 
 
 def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
+def _load_error(body: memoryview) -> Any:
+    return loads(body)
+
+
+def _grow_pipe(fd: int) -> int:
+    """Raise a pipe's buffer towards PIPE_BYTES; return what it holds."""
+    try:
+        return fcntl.fcntl(fd, 1031, PIPE_BYTES)  # F_SETPIPE_SZ (Linux)
+    except OSError:
+        try:
+            return fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ
+        except OSError:
+            return 64 * 1024
+
+
 class _ProcessWorker(Worker):
-    def __init__(self, slot: int, proc: Any, task_w: Any, result_r: Any) -> None:
+    def __init__(self, slot: int, proc: Any, task_w: Any, result_r: Any, stamp: Any, pipe_bytes: int) -> None:
         super().__init__(slot)
         self.proc = proc
         self.pid = proc.pid
         self.task_w = task_w
         self.result_r = result_r
+        self.stamp = stamp
+        self.queue_budget = max(MIN_QUEUE_BYTES, pipe_bytes // 2)
+        self.items_held = 0  # items of the chunks it holds (async workers)
+
+    def item_started(self) -> float:
+        return float(self.stamp[0])
+
+    def item_index(self) -> int | None:
+        return int(self.stamp[1])
 
     def release(self) -> None:
         for conn in (self.task_w, self.result_r):
@@ -60,10 +93,18 @@ class _ProcessWorker(Worker):
 
 class ProcessDispatcher(Dispatcher):
     kind = "process"
+    ships_bytes = True
 
     def __init__(self, nodes: int, *, start_method: str | None = None,
-                 initializer: Callable[..., Any] | None = None, initargs: Sequence[Any] = ()) -> None:
+                 initializer: Callable[..., Any] | None = None, initargs: Sequence[Any] = (),
+                 slots: Iterable[SlotSpec] | None = None, policy: RestartPolicy | None = None,
+                 concurrency: int = 0, max_tasks: int = 0) -> None:
         self.start_method = start_method or default_start_method()
+        self.concurrency = concurrency
+        self.max_tasks = max_tasks
+        self.in_order = not concurrency
+        if concurrency:
+            self.kind = "async-process"
         self._ctx = multiprocess.get_context(self.start_method)
         self._init_payload = dumps_dill((initializer, tuple(initargs)), "initializer") if initializer else None
         self._wake_r, self._wake_w = os.pipe()
@@ -73,7 +114,7 @@ class ProcessDispatcher(Dispatcher):
         self.shm_prefix: str | None = shm.new_prefix() if shm.AVAILABLE else None
         self._fd_lock = threading.Lock()  # the wake pipe closes while callers may write
         try:
-            super().__init__(nodes)
+            super().__init__(nodes, slots=slots, policy=policy)
         except BaseException:
             self._stop_all(graceful=False)
             raise
@@ -81,9 +122,12 @@ class ProcessDispatcher(Dispatcher):
     def _start_worker(self, slot: int) -> Worker:
         task_r, task_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
+        stamp = self._ctx.RawArray("d", 2)  # running item: start time, index
+        setup = WorkerSetup(slot, os.getpid(), self._init_payload, self.shm_prefix, self.slots[slot].env,
+                            self.concurrency, self.max_tasks)
         proc = self._ctx.Process(
-            target=process_worker_main,
-            args=(task_r, result_w, slot, os.getpid(), self._init_payload, self.shm_prefix),
+            target=async_worker_main if self.concurrency else process_worker_main,
+            args=(task_r, result_w, setup, stamp),
             name=f"twat-mp-worker-{slot}",
             daemon=True,
         )
@@ -95,30 +139,54 @@ class ProcessDispatcher(Dispatcher):
             raise RuntimeError(f"cannot start a worker process ({self.start_method}): {exc!r}") from exc
         task_r.close()
         result_w.close()
-        return _ProcessWorker(slot, proc, task_w, result_r)
+        return _ProcessWorker(slot, proc, task_w, result_r, stamp, _grow_pipe(task_w.fileno()))
 
     def _send(self, worker: Worker, chunk: Chunk) -> None:
         assert isinstance(worker, _ProcessWorker) and chunk.payload is not None
         fn = chunk.fn
+        worker.items_held += len(chunk.items)
         try:
             if fn.token not in worker.tokens:
                 assert fn.payload is not None
                 if len(worker.tokens) >= FUNCTION_CACHE_SIZE:  # the worker drops its oldest too
                     worker.tokens.pop(next(iter(worker.tokens)))
-                worker.task_w.send_bytes(HEADER.pack(protocol.FUNC, 0, fn.token) + fn.payload)
+                worker.task_w.send_bytes(HEADER.pack(protocol.FUNC, 0, fn.token, 0.0) + fn.payload)
                 worker.tokens[fn.token] = None
-            worker.task_w.send_bytes(HEADER.pack(protocol.TASK, chunk.id, fn.token) + chunk.payload)
+            worker.task_w.send_bytes(HEADER.pack(protocol.TASK, chunk.id, fn.token, chunk.timeout or 0.0)
+                                     + chunk.payload)
         except OSError:
             pass  # the worker died; its sentinel reports it and the chunk is re-run or failed
 
+    def _has_room(self, worker: Worker, chunk: Chunk) -> bool:
+        if not self.concurrency:
+            return super()._has_room(worker, chunk)
+        assert isinstance(worker, _ProcessWorker)
+        return not worker.chunks or worker.items_held < 2 * self.concurrency
+
     def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
-        # Only what fits in the pipe's buffer at once: the manager must never block on a
-        # write while the worker blocks writing its result (pipe deadlock).
+        # Only what fits in the pipe's buffer: the manager must never block on a write
+        # while the worker blocks writing its result (pipe deadlock).
+        assert isinstance(worker, _ProcessWorker)
         assert chunk.payload is not None and chunk.fn.payload is not None
-        size = len(chunk.payload)
+        queued = [c for c in worker.chunks.values()][1:]
+        size = len(chunk.payload) + sum(len(c.payload or b"") + HEADER.size for c in queued)
         if chunk.fn.token not in worker.tokens:
             size += len(chunk.fn.payload)
-        return size <= QUEUE_BEHIND_MAX_BYTES
+        return size <= worker.queue_budget
+
+    def _started_chunks(self, worker: Worker) -> list[Chunk]:
+        if self.concurrency:
+            return list(worker.chunks.values())  # all of them may have been running
+        return super()._started_chunks(worker)
+
+    def _deadline(self, worker: Worker) -> float | None:
+        if not self.concurrency:
+            return super()._deadline(worker)
+        if worker.timed_out:
+            return None
+        deadlines = [c.sent_at + c.timeout * (math.ceil(len(c.items) / self.concurrency) + 2)
+                     + ASYNC_DEADLINE_GRACE for c in worker.chunks.values() if c.timeout is not None]
+        return min(deadlines) if deadlines else None
 
     def _wake(self) -> None:
         if self._wake_pending:
@@ -152,35 +220,41 @@ class ProcessDispatcher(Dispatcher):
                 continue
             what, worker = by_key[key]
             if what == "conn":
-                event = self._receive(worker)
-                if event is not None:
-                    events.append(event)
+                self._receive_all(worker, events)
             else:
                 dead.append(worker)
         for worker in dead:  # read what a worker sent before it died, then bury it
-            if worker.result_r.poll(0) and not any(e[1] is worker for e in events):
-                event = self._receive(worker)
-                if event is not None:
-                    events.append(event)
+            self._receive_all(worker, events)
             worker.proc.join(0.5)
             events.append(("dead", worker, worker.proc.exitcode))
             worker.release()
         return events
 
-    @staticmethod
-    def _receive(worker: _ProcessWorker) -> tuple[str, Worker, Any] | None:
+    def _receive_all(self, worker: _ProcessWorker, events: list[tuple[str, Worker, Any]]) -> None:
+        """Every frame the worker has written so far."""
         try:
-            frame = worker.result_r.recv_bytes()
+            while worker.result_r.poll(0):
+                frame = worker.result_r.recv_bytes()
+                kind, chunk_id, _, _ = HEADER.unpack_from(frame)
+                body = memoryview(frame)[HEADER.size:]
+                if kind == protocol.RESULT:
+                    chunk = worker.chunks.get(chunk_id)
+                    if chunk is not None:
+                        worker.items_held -= len(chunk.items)
+                    events.append(("result", worker, (chunk_id, body)))
+                elif kind == protocol.INIT_FAILED:
+                    events.append(("init_failed", worker, _load_error(body)))
+                elif kind == protocol.RETIRE:
+                    events.append(("retire", worker, None))
         except (EOFError, OSError):
-            return None  # it died mid-write; the sentinel reports the death
-        kind, _, _ = HEADER.unpack_from(frame)
-        body = memoryview(frame)[HEADER.size:]
-        if kind == protocol.INIT_FAILED:
-            from twat_mp._engine.serialization import loads
+            return  # it died mid-write; the sentinel reports the death
 
-            error = loads(body)
-            return ("init_failed", worker, f"{error.type_name}: {error.message}\n{error.traceback_str}")
-        return ("result", worker, body)
+    def _retire(self, worker: Worker) -> None:
+        assert isinstance(worker, _ProcessWorker)
+        try:
+            worker.task_w.send_bytes(HEADER.pack(protocol.STOP, 0, 0, 0.0))
+        except OSError:
+            pass  # already gone: its sentinel says so
 
     def _kill(self, worker: Worker) -> None:
         assert isinstance(worker, _ProcessWorker)
@@ -191,10 +265,7 @@ class ProcessDispatcher(Dispatcher):
         self._workers.clear()
         if graceful:
             for w in workers:
-                try:
-                    w.task_w.send_bytes(HEADER.pack(protocol.STOP, 0, 0))
-                except OSError:
-                    pass
+                self._retire(w)
             deadline = time.monotonic() + STOP_GRACE_SECONDS
             for w in workers:
                 w.proc.join(max(0.0, deadline - time.monotonic()))

@@ -2,11 +2,16 @@
 
 Every message on a pipe is one ``bytes`` frame: a fixed header followed by a pickle::
 
-    task:     TASK  | chunk_id | token | pickle(list of items)
-    function: FUNC  | 0        | token | dill(function) + mode byte
-    stop:     STOP  | 0        | 0     |
-    result:   RESULT| chunk_id | 0     | pickle(ChunkResult)
-    init err: INIT_FAILED | 0  | 0     | pickle(RemoteError)
+    task:     TASK  | chunk_id | token | timeout | pickle(list of items)
+    function: FUNC  | 0        | token | 0       | pickle(function) + mode byte
+    stop:     STOP  | 0        | 0     | 0       |
+    result:   RESULT| chunk_id | 0     | 0       | pickle(ChunkResult)
+    init err: INIT_FAILED | 0  | 0     | 0       | pickle(RemoteError)
+    retire:   RETIRE | 0       | 0     | 0       |   (worker → manager: send me STOP)
+
+``timeout`` is the chunk's per-item limit in seconds (0: none): a worker then stamps
+the start of each item where the manager can read it (sync workers), or limits each
+call itself (async workers).
 
 The manager reads only headers; payloads are pickled and unpickled in the caller's
 thread, so a bad payload fails there, at once, with the caller's traceback.
@@ -21,8 +26,8 @@ from typing import Any, NamedTuple
 
 from twat_mp.errors import WorkerError
 
-HEADER = struct.Struct("<BqQ")
-TASK, FUNC, STOP, RESULT, INIT_FAILED = range(5)
+HEADER = struct.Struct("<BqQd")
+TASK, FUNC, STOP, RESULT, INIT_FAILED, RETIRE = range(6)
 
 #: How a worker calls the function on each item of a chunk.
 MODE_ONE, MODE_STAR, MODE_CALL = range(3)
@@ -35,6 +40,7 @@ class Stage(enum.IntEnum):
     LOAD = 1  # the worker could not unpickle the function or the items (retry with dill)
     RESULT = 2  # a result could not be pickled
     INIT = 3  # the initializer raised
+    TIMEOUT = 4  # an async call ran past its timeout (the worker cancelled it)
 
 
 class RemoteError(NamedTuple):
@@ -92,10 +98,15 @@ class RemoteError(NamedTuple):
 
 class ChunkResult(NamedTuple):
     """What a worker returns for a chunk: results of the items it finished, in order,
-    and the error that stopped it (at index ``len(results)``), if any."""
+    and the error that stopped it, if any, at ``error_index`` (-1: at
+    ``len(results)``; an async worker may fail an item before earlier ones finish)."""
 
     results: list[Any]
     error: RemoteError | None
     worker_id: int
     pid: int
     elapsed: float
+    error_index: int = -1
+
+    def failed_at(self) -> int:
+        return len(self.results) if self.error_index < 0 else self.error_index

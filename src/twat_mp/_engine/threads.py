@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import queue
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from multiprocess.dummy import DummyProcess
 
 from twat_mp import state
-from twat_mp._engine.dispatcher import Chunk, Dispatcher, Worker
-from twat_mp._engine.protocol import RemoteError
+from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker
+from twat_mp._engine.protocol import RemoteError, Stage
 from twat_mp._engine.worker import run_chunk
 
 STOP_GRACE_SECONDS = 1.0
@@ -35,17 +35,25 @@ class _ThreadWorker(Worker):
         self.pid: int = os.getpid()
         self.inbox: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self.thread: Any = None
+        self.stamp = [0.0, 0.0]  # running item: start time, index (for per-item timeouts)
+
+    def item_started(self) -> float:
+        return self.stamp[0]
+
+    def item_index(self) -> int | None:
+        return int(self.stamp[1])
 
 
 class ThreadDispatcher(Dispatcher):
     kind = "thread"
 
     def __init__(self, nodes: int, *, initializer: Callable[..., Any] | None = None,
-                 initargs: Sequence[Any] = ()) -> None:
+                 initargs: Sequence[Any] = (), slots: Iterable[SlotSpec] | None = None,
+                 policy: RestartPolicy | None = None) -> None:
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._initializer = initializer
         self._initargs = tuple(initargs)
-        super().__init__(nodes)
+        super().__init__(nodes, slots=slots, policy=policy)
 
     def _start_worker(self, slot: int) -> Worker:
         worker = _ThreadWorker(slot)
@@ -61,16 +69,15 @@ class ThreadDispatcher(Dispatcher):
             try:
                 self._initializer(*self._initargs)
             except Exception as exc:
-                error = RemoteError.capture(exc)
-                self._events.put(("init_failed", worker,
-                                  f"{error.type_name}: {error.message}\n{error.traceback_str}"))
+                self._events.put(("init_failed", worker, RemoteError.capture(exc)._replace(stage=Stage.INIT)))
                 return
         while True:
             chunk = worker.inbox.get()
             if chunk is None:
                 return
-            result = run_chunk(chunk.fn.fn, chunk.fn.mode, chunk.items, worker.slot, worker.pid)
-            self._events.put(("result", worker, result))
+            stamp = worker.stamp if chunk.timeout else None
+            result = run_chunk(chunk.fn.fn, chunk.fn.mode, chunk.items, worker.slot, worker.pid, stamp)
+            self._events.put(("result", worker, (chunk.id, result)))
 
     def _send(self, worker: Worker, chunk: Chunk) -> None:
         assert isinstance(worker, _ThreadWorker)

@@ -1,13 +1,27 @@
-"""What runs inside a worker: the loop of a worker process, and the chunk runner that
-process and thread workers share.
+"""What runs inside a worker: the two loops of a worker process (sync and asyncio),
+and the chunk runner that process and thread workers share.
+
+::
+
+    sync worker                               async worker
+    ───────────                               ────────────
+    recv TASK ─▶ run_chunk ─▶ send RESULT     reader thread: recv frame ─▶ loop
+       (one chunk at a time, in order;        loop: each TASK becomes a task; its items
+        each item's start stamped for           run concurrently, at most
+        the manager when it has a timeout)      ``concurrency`` calls in the whole worker;
+                                                RESULT frames go back by chunk id as
+                                                chunks finish, in any order
 
 A process worker ignores SIGINT (the caller decides what Ctrl-C means), exits on its own
-when its parent dies (a watchdog thread polls the parent pid), loads each function once
-by token, and answers every task frame with exactly one result frame.
+when its parent dies (a watchdog thread polls the parent pid), applies its slot's
+environment, loads each function once by token, and answers every task frame with
+exactly one result frame.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import sys
@@ -24,13 +38,27 @@ PARENT_POLL_SECONDS = 0.25
 FUNCTION_CACHE_SIZE = 64
 
 
-def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: int, pid: int) -> ChunkResult:
-    """Call ``fn`` on each item; stop at the first exception and report it."""
+def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: int, pid: int,
+              stamp: Any = None) -> ChunkResult:
+    """Call ``fn`` on each item; stop at the first exception and report it. With
+    ``stamp`` (a one-slot array the manager can read), write each item's start time
+    into it, so the manager can enforce a per-item timeout on a whole batch."""
     results: list[Any] = []
     append = results.append
     start = time.perf_counter()
     try:
-        if mode == MODE_ONE:
+        if stamp is not None:
+            clock = time.monotonic
+            for index, item in enumerate(items):
+                stamp[0] = clock()
+                stamp[1] = index
+                if mode == MODE_ONE:
+                    append(fn(item))
+                elif mode == MODE_STAR:
+                    append(fn(*item))
+                else:
+                    append(fn(*item[0], **item[1]))
+        elif mode == MODE_ONE:
             for item in items:
                 append(fn(item))
         elif mode == MODE_STAR:
@@ -44,7 +72,7 @@ def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: in
     return ChunkResult(results, None, worker_id, pid, time.perf_counter() - start)
 
 
-def _stage_error(stage: Stage, message: str) -> RemoteError:
+def stage_error(stage: Stage, message: str) -> RemoteError:
     return RemoteError(None, f"twat_mp.{stage.name.lower()}", message, "", stage)
 
 
@@ -63,59 +91,220 @@ def _limit_torch_threads() -> None:
         torch.set_num_threads(1)
 
 
-def process_worker_main(task_r: Any, result_w: Any, worker_id: int, parent_pid: int,
-                        init_payload: bytes | None, shm_prefix: str | None) -> None:
+class WorkerSetup:
+    """What a worker process needs to start: sent as one argument of the process."""
+
+    def __init__(self, worker_id: int, parent_pid: int, init_payload: bytes | None, shm_prefix: str | None,
+                 env: tuple[tuple[str, str], ...] = (), concurrency: int = 0, max_tasks: int = 0) -> None:
+        self.worker_id = worker_id
+        self.parent_pid = parent_pid
+        self.init_payload = init_payload
+        self.shm_prefix = shm_prefix
+        self.env = env
+        self.concurrency = concurrency  # 0: a sync worker; else async calls at once
+        self.max_tasks = max_tasks  # calls before the worker asks to be replaced (0: never)
+
+
+def _start(setup: WorkerSetup, result_w: Any, kind: str) -> bool:
+    """Common start of every worker process; False if the initializer failed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    state.enter_process_worker(worker_id)
+    os.environ.update(dict(setup.env))
+    state.enter_process_worker(setup.worker_id, kind=kind)
     _limit_torch_threads()
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    pid = os.getpid()
-    if init_payload is not None:
+    threading.Thread(target=_watch_parent, args=(setup.parent_pid,), daemon=True).start()
+    if setup.init_payload is not None:
         try:
-            initializer, initargs = loads(init_payload)
+            initializer, initargs = loads(setup.init_payload)
             initializer(*initargs)
         except Exception as exc:
-            error = RemoteError.capture(exc)
-            result_w.send_bytes(HEADER.pack(protocol.INIT_FAILED, 0, 0) + dumps(error)[0])
-            return
+            error = RemoteError.capture(exc)._replace(stage=Stage.INIT)
+            result_w.send_bytes(HEADER.pack(protocol.INIT_FAILED, 0, 0, 0.0) + dumps(error)[0])
+            return False
+    return True
+
+
+def _load_function(functions: dict[int, tuple[Any, int]], token: int, body: memoryview) -> None:
+    if len(functions) >= FUNCTION_CACHE_SIZE:
+        functions.pop(next(iter(functions)))
+    try:
+        functions[token] = (loads(body[:-1]), body[-1])
+    except Exception as exc:
+        functions[token] = (exc, -1)
+
+
+def _encode_result(result: ChunkResult, shm_prefix: str | None) -> bytes:
+    try:
+        payload, _ = dumps(result, "results", shm_prefix)
+    except Exception:
+        where = find_unpicklable(result.results)
+        payload = dumps(ChunkResult([], stage_error(Stage.RESULT, f"a result cannot be pickled: {where}"),
+                                    result.worker_id, result.pid, result.elapsed))[0]
+    return payload
+
+
+def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: Any) -> None:
+    if not _start(setup, result_w, "process"):
+        return
+    worker_id, pid = setup.worker_id, os.getpid()
     functions: dict[int, tuple[Any, int]] = {}
     while True:
         try:
             frame = task_r.recv_bytes()
         except (EOFError, OSError):
             return
-        kind, chunk_id, token = HEADER.unpack_from(frame)
+        kind, chunk_id, token, timeout = HEADER.unpack_from(frame)
         body = memoryview(frame)[HEADER.size:]
         if kind == protocol.TASK:
-            result = _run_task(functions, token, body, worker_id, pid)
-            try:
-                payload, _ = dumps(result, "results", shm_prefix)
-            except Exception:
-                where = find_unpicklable(result.results)
-                payload = dumps(ChunkResult([], _stage_error(
-                    Stage.RESULT, f"a result cannot be pickled: {where}"), worker_id, pid, result.elapsed))[0]
-            result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0) + payload)
+            fn, mode, items, error = _prepare(functions, token, body)
+            if error is not None:
+                result = ChunkResult([], error, worker_id, pid, 0.0)
+            else:
+                result = run_chunk(fn, mode, items, worker_id, pid, stamp if timeout else None)
+            result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
+                                + _encode_result(result, setup.shm_prefix))
         elif kind == protocol.FUNC:
-            if len(functions) >= FUNCTION_CACHE_SIZE:
-                functions.pop(next(iter(functions)))
-            try:
-                functions[token] = (loads(body[:-1]), body[-1])
-            except Exception as exc:
-                functions[token] = (exc, -1)
+            _load_function(functions, token, body)
         elif kind == protocol.STOP:
             return
 
 
-def _run_task(functions: dict[int, tuple[Any, int]], token: int, body: memoryview,
-              worker_id: int, pid: int) -> ChunkResult:
+def _prepare(functions: dict[int, tuple[Any, int]], token: int,
+             body: memoryview) -> tuple[Any, int, Any, RemoteError | None]:
     fn, mode = functions.get(token, (None, -1))
     if mode == -1:
-        return ChunkResult([], _stage_error(
-            Stage.LOAD, f"the worker could not load the function: {fn!r}"), worker_id, pid, 0.0)
+        return None, -1, None, stage_error(Stage.LOAD, f"the worker could not load the function: {fn!r}")
     try:
         items = loads(body)
     except Exception as exc:
-        return ChunkResult([], _stage_error(
-            Stage.LOAD, f"the worker could not unpickle the items: {exc!r}"), worker_id, pid, 0.0)
-    return run_chunk(fn, mode, items, worker_id, pid)
+        return None, -1, None, stage_error(Stage.LOAD, f"the worker could not unpickle the items: {exc!r}")
+    return fn, mode, items, None
 
+
+# -- the asyncio worker -------------------------------------------------------------------
+def async_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: Any) -> None:
+    """An event loop running up to ``setup.concurrency`` calls at once. A reader thread
+    turns frames into loop callbacks, so the manager's writes never wait on the loop."""
+    if not _start(setup, result_w, "async-process"):
+        return
+    asyncio.run(_AsyncWorker(task_r, result_w, setup).serve())
+
+
+class _AsyncWorker:
+    def __init__(self, task_r: Any, result_w: Any, setup: WorkerSetup) -> None:
+        self.task_r = task_r
+        self.result_w = result_w
+        self.setup = setup
+        self.pid = os.getpid()
+        self.functions: dict[int, tuple[Any, int]] = {}
+        self.running: set[asyncio.Task[None]] = set()
+        self.calls = 0
+        self.retire_asked = False
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.limit = asyncio.Semaphore(self.setup.concurrency)
+        self.stopped = loop.create_future()
+        threading.Thread(target=self._read, args=(loop,), name="twat-mp-async-reader", daemon=True).start()
+        await self.stopped
+        if self.running:  # STOP: answer what was sent before it
+            await asyncio.gather(*self.running, return_exceptions=True)
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                frame = self.task_r.recv_bytes()
+            except (EOFError, OSError):  # the manager is gone
+                frame = HEADER.pack(protocol.STOP, 0, 0, 0.0)
+            try:
+                loop.call_soon_threadsafe(self._on_frame, frame)
+            except RuntimeError:  # the loop has ended
+                return
+            if frame[0] == protocol.STOP:
+                return
+
+    def _on_frame(self, frame: bytes) -> None:
+        kind, chunk_id, token, timeout = HEADER.unpack_from(frame)
+        body = memoryview(frame)[HEADER.size:]
+        if kind == protocol.TASK:
+            task = asyncio.ensure_future(self._run_chunk(chunk_id, token, body, timeout or None))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+        elif kind == protocol.FUNC:
+            _load_function(self.functions, token, body)
+        elif kind == protocol.STOP and not self.stopped.done():
+            self.stopped.set_result(None)
+
+    async def _run_chunk(self, chunk_id: int, token: int, body: memoryview, timeout: float | None) -> None:
+        fn, mode, items, error = _prepare(self.functions, token, body)
+        worker_id = self.setup.worker_id
+        if error is not None:
+            result = ChunkResult([], error, worker_id, self.pid, 0.0)
+        else:
+            result = await self._run_items(fn, mode, items, timeout)
+        self.result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
+                                 + _encode_result(result, self.setup.shm_prefix))
+        if self.setup.max_tasks and self.calls >= self.setup.max_tasks and not self.retire_asked:
+            self.retire_asked = True
+            self.result_w.send_bytes(HEADER.pack(protocol.RETIRE, 0, 0, 0.0))
+
+    async def _run_items(self, fn: Any, mode: int, items: list[Any], timeout: float | None) -> ChunkResult:
+        start = time.perf_counter()
+        if not items:
+            return ChunkResult([], None, self.setup.worker_id, self.pid, 0.0)
+        tasks = [asyncio.ensure_future(self._call(fn, mode, item, timeout)) for item in items]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [i for i, task in enumerate(tasks) if task.done() and task.exception() is not None]
+        if not failed:
+            return ChunkResult([t.result() for t in tasks], None, self.setup.worker_id, self.pid,
+                               time.perf_counter() - start)
+        for task in tasks:  # stop at the first error: the rest of the chunk is cancelled
+            task.cancel()
+        index = failed[0]
+        exc = tasks[index].exception()
+        assert exc is not None
+        results = []
+        for task in tasks[:index]:
+            if not task.done() or task.cancelled() or task.exception() is not None:
+                break
+            results.append(task.result())
+        if isinstance(exc, _Exit):
+            exc = exc.exc
+        if isinstance(exc, _CallTimedOut):
+            error = stage_error(Stage.TIMEOUT, f"the call ran past timeout={timeout:g}s")
+        else:
+            error = RemoteError.capture(exc)
+        return ChunkResult(results, error, self.setup.worker_id, self.pid, time.perf_counter() - start, index)
+
+    async def _call(self, fn: Any, mode: int, item: Any, timeout: float | None) -> Any:
+        async with self.limit:
+            self.calls += 1
+            try:
+                if mode == MODE_ONE:
+                    result = fn(item)
+                elif mode == MODE_STAR:
+                    result = fn(*item)
+                else:
+                    result = fn(*item[0], **item[1])
+                if inspect.isawaitable(result):
+                    if timeout is None:
+                        result = await result
+                    else:
+                        try:
+                            result = await asyncio.wait_for(result, timeout)
+                        except asyncio.TimeoutError:
+                            raise _CallTimedOut from None
+            except SystemExit as exc:  # reported as the call's error, as in sync workers
+                raise _Exit(exc) from exc
+            return result
+
+
+class _CallTimedOut(Exception):
+    """An async call ran past its timeout (told apart from the user's TimeoutError)."""
+
+
+class _Exit(Exception):
+    """A SystemExit raised by a call, carried through asyncio (which re-raises it)."""
+
+    def __init__(self, exc: SystemExit) -> None:
+        super().__init__(exc)
+        self.exc = exc

@@ -1,0 +1,239 @@
+"""The engine's seams: placement (slots and tags), per-slot environment, restart
+policies, pipelined pinned work, per-item timeouts on batches, callbacks off the
+manager thread, and submit racing terminate."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import wait_gone
+from twat_mp import BrokenPoolError, InitializerError, PoolClosedError, TaskTimeoutError, worker_info, worker_state
+from twat_mp._engine.dispatcher import Chunk, FnRef, RestartPolicy, SlotSpec
+from twat_mp._engine.jobs import submit_call
+from twat_mp._engine.process import ProcessDispatcher
+from twat_mp._engine.protocol import MODE_ONE
+from twat_mp._engine.threads import ThreadDispatcher
+
+
+def where(_: object = None) -> tuple[int | None, int, str | None]:
+    return worker_info().worker_id, os.getpid(), os.environ.get("TWAT_TEST_SLOT")
+
+
+def record(value: int) -> list[int]:
+    seen = worker_state().setdefault("seen", [])
+    seen.append(value)
+    return list(seen)
+
+
+def fail_init() -> None:
+    raise OSError("no device here")
+
+
+def wait_for(condition, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.fixture
+def tagged_pool():
+    slots = [SlotSpec(env=(("TWAT_TEST_SLOT", str(i)),), tags=frozenset({f"dev{i % 2}"})) for i in range(3)]
+    dispatcher = ProcessDispatcher(3, slots=slots)
+    yield dispatcher
+    dispatcher.terminate()
+    dispatcher.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_chunk_pinned_to_a_slot_runs_there_with_that_slots_environment(tagged_pool):
+    for slot in range(3):
+        worker_id, _, env = submit_call(tagged_pool, where, (), {}, slot=slot).result(10)
+        assert (worker_id, env) == (slot, str(slot))
+
+
+@pytest.mark.timeout(60)
+def test_a_chunk_with_a_tag_runs_on_a_worker_with_that_tag(tagged_pool):
+    slots = {submit_call(tagged_pool, where, (), {}, tag="dev1").result(10)[0] for _ in range(20)}
+    assert slots == {1}
+    slots = {submit_call(tagged_pool, where, (), {}, tag="dev0").result(10)[0] for _ in range(40)}
+    assert slots <= {0, 2}
+
+
+def test_bad_placement_is_a_clear_error(tagged_pool):
+    with pytest.raises(ValueError, match="no worker slot 7"):
+        submit_call(tagged_pool, where, (), {}, slot=7)
+    with pytest.raises(ValueError, match="no worker has the tag 'gpu9'"):
+        submit_call(tagged_pool, where, (), {}, tag="gpu9")
+
+
+@pytest.mark.timeout(60)
+def test_a_replacement_worker_keeps_its_slots_environment(tagged_pool):
+    _, pid, _ = submit_call(tagged_pool, where, (), {}, slot=2).result(10)
+    os.kill(pid, signal.SIGKILL)
+    assert not wait_gone({pid})
+
+    def replaced() -> bool:
+        return submit_call(tagged_pool, where, (), {}, slot=2).result(10)[1] != pid
+
+    assert wait_for(replaced)
+    worker_id, new_pid, env = submit_call(tagged_pool, where, (), {}, slot=2).result(10)
+    assert (worker_id, env) == (2, "2") and new_pid != pid
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_pinned_calls_queue_behind_each_other_and_run_in_order(kind):
+    dispatcher = ProcessDispatcher(2) if kind == "process" else ThreadDispatcher(2)
+    try:
+        futures = [submit_call(dispatcher, record, (i,), {}, slot=1) for i in range(300)]
+        last = futures[-1].result(30)
+        assert last[-300:] == list(range(300))  # all in slot 1, in submission order
+        assert [f.result(1)[-1] for f in futures] == list(range(300))
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_restart_policy_with_a_limit_breaks_the_pool_with_a_clear_error():
+    dispatcher = ProcessDispatcher(1, policy=RestartPolicy(max_restarts=1, window=60))
+    try:
+        for _ in range(2):
+            _, pid, _ = submit_call(dispatcher, where, (), {}).result(10)
+            os.kill(pid, signal.SIGKILL)
+            assert not wait_gone({pid})
+            wait_for(lambda dead=pid: dispatcher.error is not None or any(
+                w.pid != dead for w in list(dispatcher._workers.values())))
+        assert wait_for(lambda: dispatcher.error is not None)
+        assert isinstance(dispatcher.error, BrokenPoolError)
+        assert "restart policy" in str(dispatcher.error)
+        with pytest.raises(BrokenPoolError):
+            submit_call(dispatcher, where, (), {})
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+def test_restart_policy_backoff_grows_and_is_bounded():
+    policy = RestartPolicy(backoff=0.5, max_backoff=1.5, window=10)
+    assert policy.delay([], 100.0) == 0.0
+    assert policy.delay([99.0], 100.0) == 0.5
+    assert policy.delay([98.0, 99.0], 100.0) == 1.0
+    assert policy.delay([97.0, 98.0, 99.0], 100.0) == 1.5
+    assert policy.delay([50.0], 100.0) == 0.0  # outside the window: forgotten
+    assert RestartPolicy(max_restarts=2).delay([1.0, 2.0], 3.0) is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_an_initializer_failure_is_an_initializer_error_inside_a_broken_pool_error(kind):
+    cls = ProcessDispatcher if kind == "process" else ThreadDispatcher
+    dispatcher = cls(1, initializer=fail_init)
+    try:
+        assert wait_for(lambda: dispatcher.error is not None)
+        error = dispatcher.error
+        assert isinstance(error, BrokenPoolError)
+        assert "no device here" in str(error)
+        assert isinstance(error.__cause__, InitializerError)
+        assert "OSError" in str(error.__cause__)
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_done_callbacks_never_run_on_the_manager_thread():
+    dispatcher = ThreadDispatcher(1)
+    try:
+        names: list[str] = []
+        future = submit_call(dispatcher, abs, (-3,), {})
+        done = threading.Event()
+        future.add_done_callback(lambda f: (names.append(threading.current_thread().name), done.set()))
+        assert future.result(10) == 3
+        assert done.wait(10)
+        assert "manager" not in names[0]
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_sink_goes_to_threading_excepthook(monkeypatch):
+    seen: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    dispatcher = ThreadDispatcher(1)
+    try:
+        def bad_sink(chunk: Chunk, outcome: object) -> None:
+            raise LookupError("sink bug")
+
+        dispatcher.submit(Chunk(FnRef(abs, MODE_ONE, None, 0), [-1], bad_sink))
+        assert wait_for(lambda: bool(seen))
+        assert isinstance(seen[0], LookupError)
+        assert submit_call(dispatcher, abs, (-2,), {}).result(10) == 2  # the manager goes on
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_submit_racing_terminate_never_leaves_a_caller_waiting(kind):
+    for _ in range(5):
+        _race_submit_with_terminate(ProcessDispatcher(2) if kind == "process" else ThreadDispatcher(2))
+
+
+def _race_submit_with_terminate(dispatcher) -> None:
+    futures: list[concurrent.futures.Future[object]] = []
+    start = threading.Barrier(5)
+
+    def submitter() -> None:
+        start.wait()
+        for i in range(200):
+            try:
+                futures.append(submit_call(dispatcher, abs, (-i,), {}))
+            except PoolClosedError:
+                return
+
+    threads = [threading.Thread(target=submitter) for _ in range(4)]
+    for t in threads:
+        t.start()
+    start.wait()
+    dispatcher.terminate()
+    for t in threads:
+        t.join(30)
+    for future in futures:  # each one resolves: a result, or PoolClosedError
+        try:
+            future.result(10)
+        except PoolClosedError:
+            pass
+    dispatcher.join(10)
+
+
+def slow_item(x: int) -> int:
+    if x == 37:
+        time.sleep(30)
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_timeout_applies_to_each_item_of_a_batch_and_names_the_item(kind):
+    from twat_mp import ProcessPool, ThreadPool
+
+    cls = ProcessPool if kind == "process" else ThreadPool
+    with cls(nodes=2, timeout=1.0) as pool:
+        assert pool.map(abs, range(-200, 0), chunksize=50) == list(range(200, 0, -1))
+        start = time.monotonic()
+        with pytest.raises(TaskTimeoutError) as info:
+            pool.map(slow_item, range(100), chunksize=50)
+        assert time.monotonic() - start < 10
+        assert info.value.items == [37]
