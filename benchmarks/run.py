@@ -2,7 +2,7 @@
 mpire, joblib and aiomultiprocess, in one process run. Prints times and ratios.
 
     make bench                      # everything
-    python benchmarks/run.py tiny   # one or more cases: tiny cpu warm imap arrays async
+    python benchmarks/run.py tiny   # one or more cases: tiny cpu warm fixed timeout imap arrays async
 
 Each figure is the median of several runs; ratios are twat-mp time / peer time (below 1
 means twat-mp is faster). The machine may be shared and noisy: read medians and ratios.
@@ -195,41 +195,123 @@ async def _sleep_item(x: int) -> int:
     return x
 
 
-async def _time_ours(items: list[int], concurrency: int) -> float:
-    from twat_mp import apmap
+def paired(ours: Callable[[], object], peer: Callable[[], object], repeat: int) -> tuple[float, float, float]:
+    """Interleave runs of the two sides; return their median times and the median of
+    the per-pair ratios peer/ours (above 1: twat-mp is faster)."""
+    pairs = []
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        ours()
+        mid = time.perf_counter()
+        peer()
+        end = time.perf_counter()
+        pairs.append((mid - start, end - mid))
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[1] / p[0] for p in pairs))
 
-    mapped = apmap(processes=NODES, childconcurrency=concurrency)(_sleep_item)
-    await mapped(items[:NODES])  # start the warm pool
+
+async def _ours_warm(mapped, items: list[int]) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     await mapped(items)
     return time.perf_counter() - start
 
 
-async def _time_peer(items: list[int], concurrency: int) -> float:
+async def _ours_cold(items: list[int], concurrency: int) -> float:
+    from twat_mp import AsyncMultiPool
+
+    start = time.perf_counter()
+    async with AsyncMultiPool(processes=NODES, childconcurrency=concurrency) as pool:
+        await pool.map(_sleep_item, items)
+    return time.perf_counter() - start
+
+
+async def _peer_run(items: list[int], concurrency: int, warm: bool) -> float:
     import aiomultiprocess
 
+    start = time.perf_counter()
     async with aiomultiprocess.Pool(processes=NODES, childconcurrency=concurrency) as pool:
-        await pool.map(_sleep_item, items[:NODES])
-        start = time.perf_counter()
+        if warm:
+            await pool.map(_sleep_item, items[:NODES])
+            start = time.perf_counter()
         await pool.map(_sleep_item, items)
         return time.perf_counter() - start
 
 
 def case_async() -> None:
+    from twat_mp import apmap
+
     items = list(range(2000))
     for concurrency in (16, 128):
         ideal = len(items) * 0.05 / (NODES * concurrency)
-        results = {
-            "twat-mp": statistics.median(asyncio.run(_time_ours(items, concurrency)) for _ in range(3)),
-            "aiomultiprocess": statistics.median(asyncio.run(_time_peer(items, concurrency)) for _ in range(3)),
-            "ideal": ideal,
-        }
-        report(f"async: apmap 2,000 x sleep(0.05), childconcurrency={concurrency}", results)
-        print(f"  twat-mp / ideal = {results['twat-mp'] / ideal:.2f}")
+        mapped = apmap(processes=NODES, childconcurrency=concurrency)(_sleep_item)
+        mapped.sync(items[:NODES])  # the warm pool, started once
+        rows: dict[str, list[float]] = {"ours warm": [], "peer warm": [], "ours cold": [], "peer cold": []}
+        for _ in range(3):  # interleaved
+            rows["ours warm"].append(asyncio.run(_ours_warm(mapped, items)))
+            rows["peer warm"].append(asyncio.run(_peer_run(items, concurrency, warm=True)))
+            rows["ours cold"].append(asyncio.run(_ours_cold(items, concurrency)))
+            rows["peer cold"].append(asyncio.run(_peer_run(items, concurrency, warm=False)))
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        report(f"async: 2,000 x sleep(0.05) on {NODES} processes, childconcurrency={concurrency}", {
+            "twat-mp": med["ours warm"], "aiomultiprocess (warm)": med["peer warm"],
+            "twat-mp (cold, pool start included)": med["ours cold"],
+            "aiomultiprocess (cold)": med["peer cold"], "ideal": ideal})
+        target = 1.1 if concurrency == 16 else 1.25
+        print(f"  twat-mp / ideal: warm {med['ours warm'] / ideal:.2f} (target <= {target}), "
+              f"cold {med['ours cold'] / ideal:.2f}; aiomultiprocess / ideal: warm "
+              f"{med['peer warm'] / ideal:.2f}, cold {med['peer cold'] / ideal:.2f}")
+    warm_call = apmap(processes=NODES)(_sleep_zero)
+    warm_call.sync(range(100))
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        warm_call.sync(range(100))
+        times.append(time.perf_counter() - start)
+    print(f"  warm apmap call of 100 items (sync): median {statistics.median(times) * 1000:.2f} ms "
+          "(target <= 2 ms)")
+    ROWS.append(("async", "warm apmap 100 items", statistics.median(times), "s"))
 
 
-CASES = {"tiny": case_tiny, "cpu": case_cpu, "warm": case_warm, "imap": case_imap, "arrays": case_arrays,
-         "async": case_async}
+async def _sleep_zero(x: int) -> int:
+    await asyncio.sleep(0)
+    return x
+
+
+def case_fixed() -> None:
+    """The warm call's fixed cost: warm pool against warm pool, small to large maps."""
+    from twat_mp import ProcessPool
+
+    print("\n== warm ProcessPool.map vs warm multiprocessing.Pool.map, x*x, interleaved pairs")
+    with ProcessPool(NODES) as pool, multiprocessing.get_context("fork").Pool(NODES) as mp_pool:
+        for n, repeat, target in ((1_000, 60, 1.2), (10_000, 30, 1.0), (100_000, 10, 1.0), (1_000_000, 5, 1.0)):
+            items = list(range(n))
+            pool.map(square, items)
+            mp_pool.map(square, items)
+            ours, peer, ratio = paired(lambda xs=items: pool.map(square, xs),
+                                       lambda xs=items: mp_pool.map(square, xs), repeat)
+            print(f"  {n:>9,} items: twat-mp {ours * 1000:8.2f} ms, stdlib {peer * 1000:8.2f} ms, "
+                  f"stdlib/twat-mp = {ratio:4.2f} (target >= {target})")
+            ROWS.append((f"fixed {n}", "stdlib/twat-mp", ratio, "x"))
+
+
+def case_timeout() -> None:
+    """timeout= on many trivial items: items still travel in batches."""
+    from twat_mp import ProcessPool
+
+    items = list(range(50_000))
+    with ProcessPool(NODES) as pool:
+        pool.map(square, items)
+        plain, timed, ratio = paired(lambda: pool.map(square, items, timeout=5),
+                                     lambda: pool.map(square, items), 9)
+    print("\n== 50,000 x (x*x) with timeout=5 vs without")
+    print(f"  with timeout {plain * 1000:.1f} ms, without {timed * 1000:.1f} ms, "
+          f"cost of timeout= {1 / ratio:.2f}x (target <= 1.5)")
+    ROWS.append(("timeout", "cost", 1 / ratio, "x"))
+
+
+CASES = {"tiny": case_tiny, "cpu": case_cpu, "warm": case_warm, "fixed": case_fixed, "timeout": case_timeout,
+         "imap": case_imap, "arrays": case_arrays, "async": case_async}
 
 
 def main(argv: list[str]) -> None:

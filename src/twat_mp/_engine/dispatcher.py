@@ -170,6 +170,7 @@ class Dispatcher(ABC):
     concurrency = 0  # calls one worker runs at once (async workers); 0: one at a time
     shm_prefix: str | None = None  # where large buffers of this engine's payloads go
     in_order = True  # a worker answers its chunks in the order it got them
+    stamps_items = False  # workers publish each item's start: timed chunks may queue
 
     def __init__(self, nodes: int, *, slots: Iterable[SlotSpec] | None = None,
                  policy: RestartPolicy | None = None) -> None:
@@ -282,7 +283,8 @@ class Dispatcher(ABC):
         held = worker.chunks
         if not held:
             return True
-        if chunk.timeout is not None or any(c.timeout is not None for c in held.values()):
+        if not self.stamps_items and (chunk.timeout is not None
+                                      or any(c.timeout is not None for c in held.values())):
             return False
         if chunk.slot is not None:
             return len(held) < PINNED_QUEUE_DEPTH and self._can_queue(worker, chunk)

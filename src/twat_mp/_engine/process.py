@@ -72,7 +72,7 @@ class _ProcessWorker(Worker):
         self.pid = proc.pid
         self.task_w = task_w
         self.result_r = result_r
-        self.stamp = stamp
+        self.stamp = memoryview(stamp).cast("B").cast("d")
         self.queue_budget = max(MIN_QUEUE_BYTES, pipe_bytes // 2)
         self.items_held = 0  # items of the chunks it holds (async workers)
 
@@ -102,7 +102,7 @@ class ProcessDispatcher(Dispatcher):
         self.start_method = start_method or default_start_method()
         self.concurrency = concurrency
         self.max_tasks = max_tasks
-        self.in_order = not concurrency
+        self.in_order = self.stamps_items = not concurrency
         if concurrency:
             self.kind = "async-process"
         self._ctx = multiprocess.get_context(self.start_method)

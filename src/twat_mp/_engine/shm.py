@@ -2,9 +2,15 @@
 
 Pickle protocol 5 hands every large contiguous buffer (numpy arrays; torch tensors,
 reduced to numpy first) to a callback. Buffers of ``THRESHOLD`` bytes or more are
-written once into a segment under ``/dev/shm`` and only the segment's name travels in
+written once into a segment under ``SHM_DIR`` and only the segment's name travels in
 the pickle; the receiver maps the segment copy-on-write (no copy; a write stays
 private to the receiver) and unpickles views of it.
+
+Shared memory is an optimisation, never a requirement: when ``SHM_DIR`` is missing or
+not writable, or a segment does not fit (containers give /dev/shm 64 MB by default),
+the buffer goes through the pipe instead. A segment's space is reserved before it is
+written (``posix_fallocate``), so a full tmpfs is an error at creation, never a SIGBUS
+in the process that maps it.
 
 Who releases a segment:
 - segments of a task belong to the caller, who unlinks them once the chunk is done;
@@ -23,8 +29,7 @@ import pickle
 from typing import Any, NamedTuple
 
 THRESHOLD = 1 << 20  # 1 MiB
-SHM_DIR = "/dev/shm"
-AVAILABLE = os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+SHM_DIR = "/dev/shm"  # read at call time, so tests can point it elsewhere
 MARK = b"S"  # first byte of a payload whose buffers live in segments
 
 _counter = itertools.count()
@@ -35,15 +40,33 @@ class Segment(NamedTuple):
     size: int
 
 
+def available() -> bool:
+    """Whether segments can be created under ``SHM_DIR`` now: a probe file is created
+    and removed (``os.access`` says yes to root on a read-only directory)."""
+    probe = f"{SHM_DIR}/twat-mp-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    except OSError:
+        return False
+    os.unlink(probe)
+    return True
+
+
+AVAILABLE = available()  # at import; a dispatcher should call available() when it starts
+
+
 def new_prefix() -> str:
     return f"{SHM_DIR}/twat-mp-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def write_segment(prefix: str, view: memoryview) -> Segment:
+    """Copy ``view`` into a new segment. Raise OSError (nothing left behind) when the
+    segment cannot be created or its space cannot be reserved."""
     path = f"{prefix}-{os.getpid()}-{next(_counter)}"
+    data = view.cast("B")
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        data = view.cast("B")
+        os.posix_fallocate(fd, 0, data.nbytes)  # ENOSPC now, not SIGBUS in a reader later
         written = 0
         while written < data.nbytes:
             written += os.write(fd, data[written:])

@@ -46,6 +46,7 @@ class _ThreadWorker(Worker):
 
 class ThreadDispatcher(Dispatcher):
     kind = "thread"
+    stamps_items = True
 
     def __init__(self, nodes: int, *, initializer: Callable[..., Any] | None = None,
                  initargs: Sequence[Any] = (), slots: Iterable[SlotSpec] | None = None,

@@ -49,15 +49,16 @@ def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: in
     try:
         if stamp is not None:
             clock = time.monotonic
-            for index, item in enumerate(items):
-                stamp[0] = clock()
-                stamp[1] = index
-                if mode == MODE_ONE:
+            if mode == MODE_ONE:
+                for index, item in enumerate(items):
+                    stamp[0] = clock()
+                    stamp[1] = index
                     append(fn(item))
-                elif mode == MODE_STAR:
-                    append(fn(*item))
-                else:
-                    append(fn(*item[0], **item[1]))
+            else:
+                for index, item in enumerate(items):
+                    stamp[0] = clock()
+                    stamp[1] = index
+                    append(fn(*item) if mode == MODE_STAR else fn(*item[0], **item[1]))
         elif mode == MODE_ONE:
             for item in items:
                 append(fn(item))
@@ -146,6 +147,7 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
     if not _start(setup, result_w, "process"):
         return
     worker_id, pid = setup.worker_id, os.getpid()
+    stamp = memoryview(stamp).cast("B").cast("d")  # cheaper to write than the ctypes array
     functions: dict[int, tuple[Any, int]] = {}
     while True:
         try:
