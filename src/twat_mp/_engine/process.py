@@ -17,8 +17,9 @@ A sync worker runs one chunk at a time. Behind it the manager may queue more onl
 while everything queued fits in the task pipe's buffer (raised to 1 MiB where the
 kernel allows): the manager's writes then never block on a worker that is itself
 blocked writing a result, so the pipes cannot deadlock. An async worker
-(``concurrency > 0``) reads its pipe on a thread of its own, so it takes many chunks
-at once (up to twice ``concurrency`` items) and answers them in any order.
+(``concurrency > 0``) reads its pipe from its event loop, so it takes many chunks
+at once (up to twice ``concurrency`` items, within the same pipe budget) and answers
+them in any order.
 """
 
 from __future__ import annotations
@@ -161,14 +162,17 @@ class ProcessDispatcher(Dispatcher):
         if not self.concurrency:
             return super()._has_room(worker, chunk)
         assert isinstance(worker, _ProcessWorker)
-        return not worker.chunks or worker.items_held < 2 * self.concurrency
+        if not worker.chunks:
+            return True
+        return worker.items_held < 2 * self.concurrency and self._can_queue(worker, chunk)
 
     def _can_queue(self, worker: Worker, chunk: Chunk) -> bool:
         # Only what fits in the pipe's buffer: the manager must never block on a write
-        # while the worker blocks writing its result (pipe deadlock).
+        # while the worker blocks writing its result (pipe deadlock). (An async worker
+        # reads its frames as they come; the bound keeps the manager's writes short.)
         assert isinstance(worker, _ProcessWorker)
         assert chunk.payload is not None and chunk.fn.payload is not None
-        queued = [c for c in worker.chunks.values()][1:]
+        queued = list(worker.chunks.values())[0 if self.concurrency else 1:]
         size = len(chunk.payload) + sum(len(c.payload or b"") + HEADER.size for c in queued)
         if chunk.fn.token not in worker.tokens:
             size += len(chunk.fn.payload)

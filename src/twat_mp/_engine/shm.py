@@ -21,6 +21,7 @@ Who releases a segment:
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import mmap
@@ -66,7 +67,11 @@ def write_segment(prefix: str, view: memoryview) -> Segment:
     data = view.cast("B")
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.posix_fallocate(fd, 0, data.nbytes)  # ENOSPC now, not SIGBUS in a reader later
+        try:
+            os.posix_fallocate(fd, 0, data.nbytes)  # ENOSPC now, not SIGBUS in a reader later
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve
+                raise
         written = 0
         while written < data.nbytes:
             written += os.write(fd, data[written:])

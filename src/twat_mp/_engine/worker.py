@@ -5,7 +5,7 @@ and the chunk runner that process and thread workers share.
 
     sync worker                               async worker
     ───────────                               ────────────
-    recv TASK ─▶ run_chunk ─▶ send RESULT     reader thread: recv frame ─▶ loop
+    recv TASK ─▶ run_chunk ─▶ send RESULT     loop reader: recv frame ─▶ a task
        (one chunk at a time, in order;        loop: each TASK becomes a task; its items
         each item's start stamped for           run concurrently, at most
         the manager when it has a timeout)      ``concurrency`` calls in the whole worker;
@@ -184,8 +184,8 @@ def _prepare(functions: dict[int, tuple[Any, int]], token: int,
 
 # -- the asyncio worker -------------------------------------------------------------------
 def async_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: Any) -> None:
-    """An event loop running up to ``setup.concurrency`` calls at once. A reader thread
-    turns frames into loop callbacks, so the manager's writes never wait on the loop."""
+    """An event loop running up to ``setup.concurrency`` calls at once; frames are read
+    by a loop callback as they arrive."""
     if not _start(setup, result_w, "async-process"):
         return
     asyncio.run(_AsyncWorker(task_r, result_w, setup).serve())
@@ -206,23 +206,20 @@ class _AsyncWorker:
         loop = asyncio.get_running_loop()
         self.limit = asyncio.Semaphore(self.setup.concurrency)
         self.stopped = loop.create_future()
-        threading.Thread(target=self._read, args=(loop,), name="twat-mp-async-reader", daemon=True).start()
+        loop.add_reader(self.task_r.fileno(), self._on_readable)
         await self.stopped
+        loop.remove_reader(self.task_r.fileno())
         if self.running:  # STOP: answer what was sent before it
             await asyncio.gather(*self.running, return_exceptions=True)
 
-    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            try:
-                frame = self.task_r.recv_bytes()
-            except (EOFError, OSError):  # the manager is gone
-                frame = HEADER.pack(protocol.STOP, 0, 0, 0.0)
-            try:
-                loop.call_soon_threadsafe(self._on_frame, frame)
-            except RuntimeError:  # the loop has ended
-                return
-            if frame[0] == protocol.STOP:
-                return
+    def _on_readable(self) -> None:
+        """Read every frame that has arrived. The manager writes whole frames and never
+        sends an async worker more than its pipe holds, so a read never waits long."""
+        try:
+            while self.task_r.poll(0):
+                self._on_frame(self.task_r.recv_bytes())
+        except (EOFError, OSError):  # the manager is gone
+            self._on_frame(HEADER.pack(protocol.STOP, 0, 0, 0.0))
 
     def _on_frame(self, frame: bytes) -> None:
         kind, chunk_id, token, timeout = HEADER.unpack_from(frame)
