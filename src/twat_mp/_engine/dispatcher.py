@@ -25,11 +25,14 @@ say how a worker starts, how many chunks it may hold, receives and is stopped.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
+import os
 import sys
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable
 
@@ -194,6 +197,7 @@ class Dispatcher(ABC):
             self._workers[slot] = self._start_worker(slot)  # in the caller: errors surface here
         self._thread = threading.Thread(target=self._run, name=f"twat-mp-{self.kind}-manager", daemon=True)
         self._thread.start()
+        _track(self)
         logger.debug("{} dispatcher started with {} workers", self.kind, nodes)
 
     # -- the caller's side -------------------------------------------------------------
@@ -331,8 +335,9 @@ class Dispatcher(ABC):
             try:
                 self._stop_all(graceful=not self._terminating and self._broken is None)
             finally:
-                self._fail_outstanding(self._broken or PoolClosedError(
-                    "the pool was terminated before this work finished"))
+                if not _exiting:  # at exit only daemon threads still wait: leave them be
+                    self._fail_outstanding(self._broken or PoolClosedError(
+                        "the pool was terminated before this work finished"))
             logger.debug("{} dispatcher stopped", self.kind)
 
     def _has_pending(self) -> bool:
@@ -504,3 +509,46 @@ class Dispatcher(ABC):
         except Exception:
             exc_type, exc, tb = sys.exc_info()
             threading.excepthook(threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread())))
+
+
+# -- interpreter exit ------------------------------------------------------------------
+_live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+_exiting = False
+_registered = False
+_track_lock = threading.Lock()
+EXIT_JOIN_SECONDS = 2.0
+
+
+def _track(dispatcher: Dispatcher) -> None:
+    """Remember a live dispatcher, so that interpreter exit terminates it."""
+    global _registered
+    with _track_lock:
+        _live.add(dispatcher)
+        if not _registered:
+            # Registered after multiprocess's own exit handler (imported by now), so it
+            # runs first: our workers are reaped before multiprocess joins its children.
+            import multiprocess.util  # noqa: F401
+
+            atexit.register(_terminate_all_at_exit)
+            _registered = True
+
+
+def _terminate_all_at_exit() -> None:
+    """At interpreter exit, pools are terminated, not drained: exit is quick and quiet."""
+    global _exiting
+    _exiting = True
+    dispatchers = list(_live)
+    for dispatcher in dispatchers:
+        dispatcher.terminate()
+    deadline = time.monotonic() + EXIT_JOIN_SECONDS
+    for dispatcher in dispatchers:
+        dispatcher.join(max(0.0, deadline - time.monotonic()))
+
+
+def _forget_after_fork() -> None:
+    global _track_lock
+    _live.clear()
+    _track_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
