@@ -9,7 +9,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from twat_mp import ProcessPool, ThreadPool, imap, pmap
 from twat_mp._engine import shm
@@ -51,6 +50,7 @@ def test_arrays_travel_through_shared_memory_and_none_are_left():
 
 
 def test_torch_tensors_travel_through_shared_memory():
+    torch = pytest.importorskip("torch")
     before = segments()
     tensors = [torch.full((400_000,), float(i)) for i in range(3)]
     with ProcessPool(nodes=2) as pool:
