@@ -1,13 +1,19 @@
-"""The ``twat-mp`` command: ``version`` and ``demo``."""
+"""The ``twat-mp`` command: ``version``, ``demo`` and ``--version``; a bare ``twat-mp`` prints the help.
+
+Imports stay inside the functions: ``twat_mp`` exports ``main_banner`` from here, so importing this
+module must cost nothing.
+"""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import time
 from typing import Any, Callable
 
-from twat_mp import __version__
+from twat_mp.__version__ import __version__
+
+
+def main_banner() -> None:
+    """Print "twat-mp v<version>", as twat-mp 2.x's ``twat_mp.main()`` did."""
+    print(f"twat-mp v{__version__}")
 
 
 def _busy(x: int) -> int:
@@ -19,11 +25,15 @@ def _busy(x: int) -> int:
 
 
 async def _io(x: int) -> int:
+    import asyncio
+
     await asyncio.sleep(0.05)
     return x * 2
 
 
 def _timed(label: str, run: Callable[[], Any], serial: float | None = None) -> float:
+    import time
+
     start = time.perf_counter()
     result = run()
     elapsed = time.perf_counter() - start
@@ -36,6 +46,8 @@ def _timed(label: str, run: Callable[[], Any], serial: float | None = None) -> f
 
 
 def demo() -> None:
+    import asyncio
+
     from twat_mp import AsyncMultiPool, ProcessPool, ThreadPool, amap, apmap, imap, pmap
 
     items = list(range(32))
@@ -74,13 +86,19 @@ def demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``twat-mp`` command; with no command, print the help and succeed."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="twat-mp", description="Parallel maps one decorator away.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=__version__, help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("version", help="print the version")
     commands.add_parser("demo", help="a short tour of every decorator and pool, with timings")
     args = parser.parse_args(argv)
     if args.command == "version":
         print(__version__)
-    else:
+    elif args.command == "demo":
         demo()
+    else:
+        parser.print_help()
     return 0
