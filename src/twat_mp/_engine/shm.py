@@ -43,8 +43,9 @@ class Segment(NamedTuple):
 
 def available() -> bool:
     """Whether segments can be created under ``SHM_DIR`` now: a probe file is created
-    and removed (``os.access`` says yes to root on a read-only directory)."""
-    probe = f"{SHM_DIR}/twat-mp-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    and removed (``os.access`` says yes to root on a read-only mount's directory). The
+    probe's name is hidden, so counting ``twat-mp-*`` segments never sees it."""
+    probe = f"{SHM_DIR}/.twat-mp-probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
     except OSError:
@@ -53,7 +54,13 @@ def available() -> bool:
     return True
 
 
-AVAILABLE = available()  # at import; a dispatcher should call available() when it starts
+AVAILABLE: bool  # ``shm.AVAILABLE`` is ``available()`` at the moment it is read (see __getattr__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AVAILABLE":  # checked when a dispatcher starts, not once at import
+        return available()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def new_prefix() -> str:
