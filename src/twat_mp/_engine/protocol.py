@@ -21,10 +21,18 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 import traceback
 from typing import Any, NamedTuple
 
-from twat_mp.errors import WorkerError
+from twat_mp.errors import (
+    InitializerError,
+    WorkerError,
+    exception_state,
+    failure_text,
+    pickles_by_constructor,
+    rebuild,
+)
 
 HEADER = struct.Struct("<BqQd")
 TASK, FUNC, STOP, RESULT, INIT_FAILED, RETIRE = range(6)
@@ -44,56 +52,126 @@ class Stage(enum.IntEnum):
 
 
 class RemoteError(NamedTuple):
-    """A user exception caught in a worker, made safe to send back."""
+    """A user exception caught in a worker, made safe to send back.
+
+    The exception travels two ways. ``exc_payload`` is its pickle (by reference when the
+    C pickle can, else by value with dill). ``state_payload`` also carries its ``(args,
+    state)`` when only dill could pickle it (a class from ``__main__`` or a notebook, which
+    dill rebuilds by value as a new class), when nothing could, or when pickle would
+    re-create it by calling its ``__init__`` again. The caller then looks the class up by
+    ``type_module`` and ``type_qualname`` and, when it has it, rebuilds the exception as
+    that class without calling ``__init__``, so ``except MyError`` catches it with its
+    attributes as they were. ``live`` is the exception
+    object itself for the thread transport, where nothing is pickled; it is dropped when
+    a RemoteError is pickled (see ``__reduce__``).
+    """
 
     exc_payload: bytes | None  # pickle of the exception, None if it will not round-trip
     type_name: str
     message: str
     traceback_str: str
     stage: Stage = Stage.CALL
+    type_module: str = ""
+    type_qualname: str = ""
+    state_payload: bytes | None = None  # pickle of exception_state(exc), or None
+    live: BaseException | None = None  # never pickled (see __reduce__)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RemoteError, (*self[:-1], None)
 
     @classmethod
     def capture(cls, exc: BaseException) -> RemoteError:
+        """Record ``exc``; never raises (it runs in a worker's error path)."""
         from twat_mp._engine.serialization import dumps, loads
 
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            message = str(exc)
+        except Exception as str_error:  # a broken __str__ must not lose the error itself
+            message = f"<str() of the exception raised {type(str_error).__name__}>"
         payload: bytes | None
         try:
-            payload, _ = dumps(exc, "exception")
+            payload, by_value = dumps(exc, "exception")
             loads(payload)  # odd constructors pickle fine and fail to load: check now
         except Exception:
-            payload = None
-        return cls(payload, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
+            payload, by_value = None, True
+        kind = type(exc)
+        # A spawned worker runs the script as __mp_main__; in the caller it is __main__.
+        module = "__main__" if kind.__module__ == "__mp_main__" else kind.__module__
+        state: bytes | None = None
+        if by_value or module == "__main__" or pickles_by_constructor(kind):
+            # the caller may have the class by name: send what rebuilds it without __init__
+            try:
+                state, _ = dumps(exception_state(exc), "exception state")
+                loads(state)
+            except Exception:
+                state = None
+        return cls(payload, f"{module}.{kind.__qualname__}", message, tb, Stage.CALL, module, kind.__qualname__,
+                   state, exc)
+
+    def original(self) -> BaseException | None:
+        """The exception re-created in this process: from its state, as the class this
+        process has under its module and qualified name, else from its pickle; None when
+        neither works."""
+        from twat_mp._engine.serialization import loads
+
+        if self.live is not None:
+            return self.live
+        if self.state_payload is not None:
+            cls = _find_exception_class(self.type_module, self.type_qualname)
+            if cls is not None:
+                try:
+                    args, state = loads(self.state_payload)
+                    return rebuild(cls, args, state)
+                except Exception:  # a custom __new__, a state it refuses: try the pickle
+                    pass
+        if self.exc_payload is not None:
+            try:
+                loaded: BaseException = loads(self.exc_payload)
+                return loaded
+            except Exception:
+                return None
+        return None
 
     def to_exception(self, item: Any, worker_id: int | None, pid: int | None, *,
                      decorator: bool = False) -> BaseException:
-        """The exception to raise in the caller: the original type where possible, with a
-        WorkerError (item, worker, remote traceback) as its cause."""
-        from twat_mp._engine.serialization import loads
-
-        original: BaseException | None = None
-        if self.exc_payload is not None:
-            try:
-                original = loads(self.exc_payload)
-            except Exception:
-                original = None
+        """The exception to raise in the caller: an instance of both the original type and
+        WorkerError where possible (see ``WorkerError.wrap``), else a plain WorkerError.
+        ``decorator``: the map was called through @pmap/@imap/@amap, so the error reads
+        as the original message. An original that is not an ``Exception`` (SystemExit)
+        is raised as itself, with a WorkerError as its cause, so that ``except
+        Exception`` does not swallow it."""
+        original = self.original()
         name = self.type_name.removeprefix("builtins.")
-        where = f"worker {worker_id} (pid {pid})" if worker_id is not None else "the worker"
-        info = WorkerError(
-            f"{name}: {self.message} — raised in {where} on input item {item!r:.200}",
-            original_exception=original,
-            exc_type_name=name,
-            worker_id=worker_id,
-            worker_pid=pid,
-            input_item=item,
-            traceback_str=self.traceback_str,
-        )
-        if original is None:
-            return info
-        original.__cause__ = info
-        if hasattr(original, "add_note"):
-            original.add_note(f"twat-mp: raised in {where} on input item {item!r:.200}")
-        return original
+        if original is not None and not isinstance(original, Exception):
+            info = WorkerError(failure_text(name, self.message, item, worker_id, pid), original, worker_id, item,
+                               self.traceback_str, exc_type_name=name, worker_pid=pid)
+            original.__cause__ = info
+            return original
+        return WorkerError.wrap(original, message=self.message, exc_type_name=name, input_item=item,
+                                worker_id=worker_id, worker_pid=pid, traceback_str=self.traceback_str,
+                                decorator=decorator)
+
+    def to_initializer_error(self, worker_id: int | None, pid: int | None) -> InitializerError:
+        """The error of a worker whose initializer raised, with the initializer's exception
+        (re-created where possible) as its ``__cause__``."""
+        original = self.original()
+        name = self.type_name.removeprefix("builtins.")
+        error: BaseException | str = original if original is not None else f"{name}: {self.message}"
+        return InitializerError(worker_id, pid, error, self.traceback_str)
+
+
+def _find_exception_class(module: str, qualname: str) -> type[BaseException] | None:
+    """The exception class this process has under ``module`` and ``qualname``, if any
+    (a class made inside a function, ``<locals>``, cannot be found by name)."""
+    found: Any = sys.modules.get(module) if module else None
+    if found is None or "<" in qualname:
+        return None
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
 
 
 class ChunkResult(NamedTuple):
