@@ -284,6 +284,17 @@ def test_a_main_payload_is_reused_until_something_it_reads_changes():
         run_in(dumps_function(f), 1)
 
 
+def test_a_lambda_made_anew_on_each_call_finds_its_payload():
+    cell = notebook("""
+        def adder(k):
+            return lambda x: x + k
+    """)
+    first = dumps_function(cell["adder"](1))
+    assert dumps_function(cell["adder"](1)) is first  # a new lambda, alike in everything
+    other = dumps_function(cell["adder"](1000))
+    assert other is not first and run_in(other, 1) == 1001 and run_in(first, 1) == 2
+
+
 def test_a_function_reading_a_mutable_global_is_pickled_each_time():
     cell = notebook("""
         DATA = [1, 2]

@@ -205,22 +205,24 @@ def dumps_function(fn: Any) -> bytes:
     stamp = _fingerprint(fn)
     if stamp is None:  # it reads a mutable value (a list, an array): pickle it anew each call
         return dumps_dill(fn, "function")
+    code = fn.__code__  # the key: a lambda made anew on each call finds its payload too
     with _cache_lock:
-        entry = _cache.get(id(fn))
-        if entry is not None and entry[0] is fn and _same(entry[1], stamp):
-            _cache.move_to_end(id(fn))
+        entry = _cache.get(id(code))
+        if entry is not None and entry[0] is code and _same(entry[1], stamp):
+            _cache.move_to_end(id(code))
             return entry[2]
     payload = dumps_dill(fn, "function")
     with _cache_lock:
-        _cache[id(fn)] = (fn, stamp, payload)
-        _cache.move_to_end(id(fn))
+        _cache[id(code)] = (code, stamp, payload)
+        _cache.move_to_end(id(code))
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return payload
 
 
 _CACHE_SIZE = 64
-_cache: OrderedDict[int, tuple[Any, list[Any], bytes]] = OrderedDict()  # id(fn) → (fn, fingerprint, payload)
+# id(code) → (code, fingerprint, payload), least recently used first
+_cache: OrderedDict[int, tuple[types.CodeType, list[Any], bytes]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -273,9 +275,10 @@ _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, range, ty
 def _fingerprint(fn: types.FunctionType) -> list[Any] | None:
     """Everything ``fn``'s by-value payload captures, as a list of objects compared by
     identity (held, so no id is reused); None when it captures a mutable value that
-    could change without a rebinding (then no payload is re-used)."""
+    could change without a rebinding (then no payload is re-used). ``fn``'s own identity
+    is left out: two functions alike in all of this have the same payload."""
     out: list[Any] = []
-    return out if _stamp_function(fn, out, set()) else None
+    return out[1:] if _stamp_function(fn, out, set()) else None
 
 
 def _same(old: list[Any], new: list[Any]) -> bool:
