@@ -4,10 +4,10 @@ Functions: one importable by reference (module-level, not ``__main__``) travels 
 plain C pickle of its name. Any other function (``__main__``, a notebook cell, a lambda,
 a closure) travels by value: its code, closure, defaults and the globals its code reads,
 pickled with dill plus our own function reducer (dill's recursive global walk loops
-forever on self-referencing closures and mutually recursive functions). A by-value
-payload is cached per function and re-used only while a fingerprint of everything it
-captured is unchanged (``_fingerprint``), so a notebook function whose globals were
-rebound is sent anew.
+forever on self-referencing closures and mutually recursive functions; annotations are
+not sent, as running the function does not need them). A by-value payload is cached by
+code object and re-used only while a fingerprint of everything it captured is unchanged
+(``_fingerprint``), so a notebook function whose globals were rebound is sent anew.
 
 Items and results ship in batches with the C pickle (protocol 5) and fall back to dill
 only for a batch that pickle refuses. Buffers of 1 MiB or more (numpy arrays, CPU
