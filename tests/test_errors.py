@@ -317,6 +317,17 @@ def test_oserror_fields_survive():
     assert (error.errno, error.strerror, error.filename) == (2, "No such file", "/nope")
 
 
+def test_re_raising_with_type_of_the_error_uses_the_users_constructor():
+    with ThreadPool(nodes=1) as pool:
+        error = caught(lambda: pool.map(coded, [3]))
+    again = type(error)(7, reason="re-raised")  # a common way to add context to an error
+    assert isinstance(again, Coded) and isinstance(again, WorkerError)
+    assert (again.code, again.reason, str(again)) == (7, "re-raised", "code 7")
+    assert again.input_item is None and again.original_exception is None
+    copy = pickle.loads(pickle.dumps(again))
+    assert type(copy) is Coded and (copy.code, copy.reason, str(copy)) == (7, "re-raised", "code 7")
+
+
 # --- the fallback to a plain WorkerError ------------------------------------------------
 
 

@@ -212,12 +212,24 @@ def failure_text(exc_type_name: str, message: str, input_item: Any, worker_id: i
 
 
 class _RemoteUserError(WorkerError):
-    """The ``WorkerError`` half of a class made by ``_dual_class``."""
+    """The ``WorkerError`` half of a class made by ``_dual_class``. Such a class is built
+    with the user class's ``__init__``, so code that re-raises with ``type(exc)(...)``
+    gets an instance of it; the class-level defaults below then stand in for the
+    attributes that only ``WorkerError.wrap`` sets."""
 
-    _twat_mp_message: str
-    _twat_mp_decorator: bool
+    _twat_mp_user_type: type[BaseException] = Exception
+    original_exception: BaseException | None = None
+    exc_type_name = ""
+    worker_id: int | None = None
+    worker_pid: int | None = None
+    input_item: Any = None
+    traceback_str = ""
+    _twat_mp_message = ""
+    _twat_mp_decorator = False
 
     def __str__(self) -> str:
+        if "_twat_mp_message" not in self.__dict__:  # made by user code, not by wrap()
+            return super(WorkerError, self).__str__()
         if self._twat_mp_decorator:
             return self._twat_mp_message
         return failure_text(self.exc_type_name, self._twat_mp_message, self.input_item, self.worker_id,
@@ -226,7 +238,8 @@ class _RemoteUserError(WorkerError):
     def __reduce__(self) -> tuple[Any, ...]:
         state = {key: value for key, value in self.__dict__.items() if key != "original_exception"}
         original = self.original_exception
-        assert original is not None
+        if original is None:  # made by user code: it travels as the user's own class
+            return _restore, (self._twat_mp_user_type, self.args), state
         if pickles_by_constructor(type(original)):
             return _restore_remote_user_error, (type(original), exception_state(original), state), state
         return _restore_remote_user_error, (original, None, state), state
@@ -262,6 +275,8 @@ def _dual_class(user_type: type[Exception]) -> type[_RemoteUserError] | None:
         namespace["__module__"] = user_type.__module__
         namespace["__qualname__"] = user_type.__qualname__
         namespace["__doc__"] = f"{user_type.__qualname__} raised in a twat-mp worker (also a WorkerError)."
+        namespace["__init__"] = user_type.__init__
+        namespace["_twat_mp_user_type"] = user_type
 
     try:
         made = types.new_class(user_type.__name__, (_RemoteUserError, user_type), exec_body=body)
