@@ -18,6 +18,7 @@ from twat_mp.errors import (
     PoolClosedError,
     SerializationError,
     TaskTimeoutError,
+    TwatMPError,
     WorkerCrashedError,
     WorkerError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SerializationError",
     "TaskTimeoutError",
     "ThreadPool",
+    "TwatMPError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerInfo",

@@ -41,7 +41,6 @@ from twat_mp._engine.serialization import release
 from twat_mp._logging import logger
 from twat_mp.errors import (
     BrokenPoolError,
-    InitializerError,
     PoolClosedError,
     TaskTimeoutError,
     WorkerCrashedError,
@@ -332,12 +331,15 @@ class Dispatcher(ABC):
         finally:
             with self._lock:
                 self._closing = self._finished = True
+            outstanding = self._take_outstanding()  # before the transport forgets its workers
             try:
                 self._stop_all(graceful=not self._terminating and self._broken is None)
             finally:
                 if not _exiting:  # at exit only daemon threads still wait: leave them be
-                    self._fail_outstanding(self._broken or PoolClosedError(
-                        "the pool was terminated before this work finished"))
+                    error = self._broken or PoolClosedError("the pool was terminated before this work finished")
+                    for chunk in outstanding:
+                        if not chunk.cancelled:
+                            self._deliver(chunk, error)
             logger.debug("{} dispatcher stopped", self.kind)
 
     def _has_pending(self) -> bool:
@@ -417,13 +419,12 @@ class Dispatcher(ABC):
             self._on_init_failure(worker, value)
 
     def _on_init_failure(self, worker: Worker, error: RemoteError) -> None:
-        failure = InitializerError(worker.slot, worker.pid,
-                                   f"{error.type_name}: {error.message}\n{error.traceback_str}")
+        failure = error.to_initializer_error(worker.slot, worker.pid)
         if self.policy.restart_on_init_failure:
             self._kill(worker)  # its death is handled (and restarted) as any other
             return
         self._broken = BrokenPoolError(f"the worker initializer failed, so the pool cannot start workers: "
-                                       f"{error.type_name}: {error.message}")
+                                       f"{error.type_name.removeprefix('builtins.')}: {error.message}")
         self._broken.__cause__ = failure
         self._terminating = True
 
@@ -440,7 +441,9 @@ class Dispatcher(ABC):
             if chunk.cancelled:
                 continue
             error: BaseException
-            if worker.timed_out:
+            if self._broken is not None:  # e.g. its initializer failed: say that, not "died"
+                error = self._broken
+            elif worker.timed_out:
                 items = chunk.shown_items()
                 index = worker.item_index() if self.in_order else None
                 if index is not None and 0 <= index < len(items):
@@ -448,7 +451,7 @@ class Dispatcher(ABC):
                 error = TaskTimeoutError(items, chunk.timeout or 0.0, worker.slot)
             else:
                 error = WorkerCrashedError(chunk.shown_items(), worker.slot, worker.pid, exitcode)
-            if chunk.attempts < chunk.retries and not self._terminating:
+            if chunk.attempts < chunk.retries and not self._terminating and self._broken is None:
                 chunk.attempts += 1
                 logger.debug("re-running chunk {} (attempt {})", chunk.id, chunk.attempts + 1)
                 self._queue_for(chunk).appendleft(chunk)
@@ -486,18 +489,16 @@ class Dispatcher(ABC):
                 self._terminating = True
                 return
 
-    def _fail_outstanding(self, error: BaseException) -> None:
+    def _take_outstanding(self) -> list[Chunk]:
+        """Every chunk not yet answered, taken from the workers and the queues."""
         chunks = [chunk for w in self._workers.values() for chunk in w.chunks.values()]
-        with self._lock:
-            queues = [self._pending, *self._pinned.values(), *self._tagged.values()]
-            for queue in queues:
-                chunks += list(queue)
-                queue.clear()
         for worker in self._workers.values():
             worker.chunks.clear()
-        for chunk in chunks:
-            if not chunk.cancelled:
-                self._deliver(chunk, error)
+        with self._lock:
+            for queue in [self._pending, *self._pinned.values(), *self._tagged.values()]:
+                chunks += list(queue)
+                queue.clear()
+        return chunks
 
     @staticmethod
     def _deliver(chunk: Chunk, outcome: Outcome) -> None:

@@ -48,7 +48,92 @@ ASYNC_DEADLINE_GRACE = 1.0  # an async worker enforces timeouts itself; this is 
 
 
 def default_start_method() -> str:
-    return "fork" if sys.platform.startswith("linux") else "spawn"
+    """forkserver on Linux: safe in a parent that runs threads (ours run a manager
+    thread per pool), with modules preloaded so workers start fast; spawn elsewhere."""
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+# -- forkserver: workers forked from a clean, single-threaded server process ------------
+#: Modules the server imports once, so that workers forked from it do not import them
+#: again (torch takes seconds). Only those the caller has imported are preloaded.
+HEAVY_MODULES = ("numpy", "torch", "pandas", "scipy", "sklearn", "jax", "tensorflow", "polars", "pyarrow")
+_server_lock = threading.Lock()
+_preloaded: tuple[str, ...] | None = None
+_no_main = threading.local()
+
+
+def _prepare_forkserver(ctx: Any) -> None:
+    """Set the forkserver's preload list: our worker module and the heavy modules the
+    caller has imported. When the caller has imported a heavy module since the server
+    started, restart the server with it (running workers are not affected)."""
+    global _preloaded
+    wanted = ("twat_mp._engine.worker", *(m for m in HEAVY_MODULES if m in sys.modules))
+    with _server_lock:
+        if _preloaded is not None and set(wanted) <= set(_preloaded):
+            return
+        from multiprocess import forkserver
+
+        if _preloaded is not None:
+            forkserver._forkserver._stop()
+        ctx.set_forkserver_preload(list(wanted))
+        _preloaded = wanted
+        _install_main_filter()
+
+
+def _forget_server_after_fork() -> None:
+    """A forked child is not the parent of its parent's forkserver: it starts its own."""
+    global _preloaded, _server_lock
+    _server_lock = threading.Lock()
+    if _preloaded is not None:
+        _preloaded = None
+        from multiprocess import forkserver
+
+        forkserver._forkserver = forkserver.ForkServer()
+        for name in ("ensure_running", "get_inherited_fds", "connect_to_new_process", "set_forkserver_preload"):
+            setattr(forkserver, name, getattr(forkserver._forkserver, name))
+
+
+os.register_at_fork(after_in_child=_forget_server_after_fork)
+
+
+def _install_main_filter() -> None:
+    """Workers never re-import the caller's ``__main__`` (functions travel by value), so
+    a script needs no ``if __name__ == "__main__":`` guard under forkserver either: the
+    preparation data of our workers leaves the main module out."""
+    from multiprocess import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "twat_mp", False):
+        return
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = original(name)
+        if getattr(_no_main, "on", False):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data.twat_mp = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
+
+
+def _forkserver_process_class(ctx: Any) -> Any:
+    from multiprocess.popen_forkserver import Popen
+
+    class _Popen(Popen):  # type: ignore[misc]
+        def _launch(self, process_obj: Any) -> None:
+            _no_main.on = True
+            try:
+                super()._launch(process_obj)
+            finally:
+                _no_main.on = False
+
+    class WorkerProcess(ctx.Process):  # type: ignore[misc]
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:
+            return _Popen(process_obj)
+
+    return WorkerProcess
 
 
 def _load_error(body: memoryview) -> Any:
@@ -107,6 +192,10 @@ class ProcessDispatcher(Dispatcher):
         if concurrency:
             self.kind = "async-process"
         self._ctx = multiprocess.get_context(self.start_method)
+        self._process_class = self._ctx.Process
+        if self.start_method == "forkserver":
+            _prepare_forkserver(self._ctx)
+            self._process_class = _forkserver_process_class(self._ctx)
         self._init_payload = dumps_dill((initializer, tuple(initargs)), "initializer") if initializer else None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -124,9 +213,12 @@ class ProcessDispatcher(Dispatcher):
         task_r, task_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
         stamp = self._ctx.RawArray("d", 2)  # running item: start time, index
-        setup = WorkerSetup(slot, os.getpid(), self._init_payload, self.shm_prefix, self.slots[slot].env,
+        env = self.slots[slot].env
+        if self.start_method != "fork":  # the caller's environment as it is now, then the slot's
+            env = (*os.environ.items(), *env)
+        setup = WorkerSetup(slot, os.getpid(), self._init_payload, self.shm_prefix, env,
                             self.concurrency, self.max_tasks)
-        proc = self._ctx.Process(
+        proc = self._process_class(
             target=async_worker_main if self.concurrency else process_worker_main,
             args=(task_r, result_w, setup, stamp),
             name=f"twat-mp-worker-{slot}",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import select
 import signal
 import sys
 import threading
@@ -78,10 +79,24 @@ def stage_error(stage: Stage, message: str) -> RemoteError:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    while True:
-        time.sleep(PARENT_POLL_SECONDS)
-        if os.getppid() != parent_pid:
-            os._exit(70)
+    """Exit when the process that owns the pool dies. Under forkserver that process is
+    not our parent, so watch it by pid: a pidfd turns readable when it exits (Linux);
+    elsewhere, poll."""
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(70)
+    except (AttributeError, OSError):  # no pidfd here: poll the pid
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(70)
+            except PermissionError:
+                pass
+    select.select([pidfd], [], [])
+    os._exit(70)
 
 
 def _limit_torch_threads() -> None:
