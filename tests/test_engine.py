@@ -251,3 +251,23 @@ def test_terminate_fails_the_calls_workers_were_running(kind):
         with pytest.raises(PoolClosedError):
             future.result(10)
     dispatcher.join(10)
+
+
+def test_auto_chunksize_uses_what_it_learned_of_the_function():
+    from twat_mp._engine.jobs import auto_chunksize
+
+    assert auto_chunksize(1000, 2) == 125  # nothing known: four chunks per worker
+    assert auto_chunksize(1000, 2, item_seconds=1e-7) == 500  # quick items: one chunk per worker
+    assert auto_chunksize(1000, 2, item_seconds=0.01) == 125  # slow items: balance wins
+    assert auto_chunksize(100_000, 2, item_seconds=1e-7) == 12_500
+    assert auto_chunksize(100, 2, concurrency=16) == 13  # async: at most childconcurrency a chunk
+    assert auto_chunksize(None, 2, concurrency=16) == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_learns_how_long_a_functions_items_take():
+    from twat_mp import ProcessPool
+
+    with ProcessPool(nodes=2) as pool:
+        assert pool.map(abs, range(-50, 50)) == [abs(x) for x in range(-50, 50)]
+        assert pool._dispatcher is not None and pool._dispatcher.item_seconds

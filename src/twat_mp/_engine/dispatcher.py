@@ -192,6 +192,7 @@ class Dispatcher(ABC):
         self._finished = False  # the manager has failed what was left: submit refuses
         self._broken: BaseException | None = None
         self._lock = threading.Lock()  # guards the flags above and the pending queues' appends
+        self.item_seconds: dict[int, float] = {}  # function -> seconds per item, last seen
         for slot in range(nodes):
             self._workers[slot] = self._start_worker(slot)  # in the caller: errors surface here
         self._thread = threading.Thread(target=self._run, name=f"twat-mp-{self.kind}-manager", daemon=True)
@@ -208,6 +209,12 @@ class Dispatcher(ABC):
     def error(self) -> BaseException | None:
         """Why the dispatcher stopped working (initializer failure, start failure)."""
         return self._broken
+
+    def remember_cost(self, key: int, seconds_per_item: float) -> None:
+        """Note how long a function's items take (read when sizing its next chunks)."""
+        if len(self.item_seconds) >= 256 and key not in self.item_seconds:
+            self.item_seconds.clear()
+        self.item_seconds[key] = seconds_per_item
 
     def tags(self) -> set[str]:
         return {tag for spec in self.slots for tag in spec.tags}

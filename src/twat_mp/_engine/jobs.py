@@ -74,12 +74,26 @@ def decode(outcome: Any) -> ChunkResult:
     return result
 
 
-def auto_chunksize(length: int | None, nodes: int, concurrency: int = 0) -> int | None:
-    """Four chunks per worker for input of known length (as the stdlib Pool does); for
-    async workers, at most ``concurrency`` items a chunk, so every worker stays full."""
+#: A chunk of a function known to be quick is made big enough to take about this long:
+#: below it, a chunk's round trip costs more than the balance it buys.
+MIN_CHUNK_SECONDS = 0.002
+#: What moving one small item costs besides running it (pickled there and back), roughly.
+ITEM_TRANSFER_SECONDS = 0.5e-6
+
+
+def auto_chunksize(length: int | None, nodes: int, concurrency: int = 0,
+                   item_seconds: float | None = None) -> int | None:
+    """Four chunks per worker for input of known length (as the stdlib Pool does), or
+    fewer (down to one per worker) when this function's items are known to be so quick
+    that smaller chunks would cost more in round trips than they save; for async
+    workers, at most ``concurrency`` items a chunk, so every worker stays full."""
     if length is None or length <= 0:
         return max(1, concurrency // 4) if concurrency else None
-    size = max(1, math.ceil(length / (nodes * 4)))
+    chunks = nodes * 4
+    if item_seconds is not None and not concurrency:
+        wanted = min(chunks, int(length * (item_seconds + ITEM_TRANSFER_SECONDS) / MIN_CHUNK_SECONDS))
+        chunks = max(nodes, wanted - wanted % nodes)  # a multiple of the workers: balanced
+    size = max(1, math.ceil(length / chunks))
     return min(size, concurrency) if concurrency else size
 
 
@@ -97,7 +111,9 @@ class MapJob:
         except TypeError:
             length = None
         concurrency = dispatcher.concurrency
-        self.fixed = options.chunksize or auto_chunksize(length, dispatcher.nodes, concurrency)
+        self.cost_key = self.fnref.token or id(fn)
+        self.fixed = options.chunksize or auto_chunksize(length, dispatcher.nodes, concurrency,
+                                                         dispatcher.item_seconds.get(self.cost_key))
         self.size = self.fixed or 1
         self.max_in_flight = options.max_in_flight
         if self.max_in_flight is None and length is None:
@@ -147,6 +163,8 @@ class MapJob:
                 encode(self.dispatcher, chunk)
                 self.dispatcher.submit(chunk)
                 return
+            if outcome.results and outcome.error is None:
+                self.dispatcher.remember_cost(self.cost_key, outcome.elapsed / len(chunk.items))
             if self.fixed is None and outcome.results and outcome.elapsed > 0:
                 per_item = outcome.elapsed / len(chunk.items)
                 self.size = max(1, min(self.size * 2, MAX_ADAPTIVE_CHUNK, int(TARGET_CHUNK_SECONDS / per_item)))
