@@ -38,6 +38,13 @@ def exit_after_mark(path: str) -> int:
     os._exit(3)
 
 
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def hang(_: int) -> int:
     time.sleep(60)
     return 0
@@ -101,7 +108,7 @@ def interrupt_case() -> None:
                 pool.map(hang, [0, 1])
             except KeyboardInterrupt:
                 start = time.perf_counter()
-            while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            while any(map(alive, pids)):
                 time.sleep(0.001)
             reap.append(time.perf_counter() - start)
     row("Ctrl-C during a map: all workers reaped", reap, None)
@@ -117,7 +124,7 @@ def parent_death_case() -> None:
         parent.kill()
         start = time.perf_counter()
         parent.wait()
-        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        while any(map(alive, pids)):
             time.sleep(0.005)
         gone.append(time.perf_counter() - start)
     row("parent killed: its workers exit", gone, None)
@@ -144,7 +151,7 @@ def async_case() -> None:
                 recover.append(time.perf_counter() - start)
 
     asyncio.run(run())
-    row("async worker SIGKILL (AsyncMultiPool)", detect, recover)
+    row("async worker SIGKILL (AsyncMultiPool), target 50 ms", detect, recover)
 
 
 def row(label: str, detect: list[float], recover: list[float] | None) -> None:

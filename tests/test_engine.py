@@ -271,3 +271,28 @@ def test_a_pool_learns_how_long_a_functions_items_take():
     with ProcessPool(nodes=2) as pool:
         assert pool.map(abs, range(-50, 50)) == [abs(x) for x in range(-50, 50)]
         assert pool._dispatcher is not None and pool._dispatcher.item_seconds
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_several_threads_map_on_one_warm_pool_at_once(kind):
+    from twat_mp import pmap
+
+    mapped = pmap(kind=kind, nodes=2)(abs)
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(20):
+                results[i] = mapped(range(-i * 100, 0))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(100)
+    assert not errors
+    assert results == {i: [abs(x) for x in range(-i * 100, 0)] for i in range(1, 7)}
