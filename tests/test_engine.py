@@ -296,3 +296,62 @@ def test_several_threads_map_on_one_warm_pool_at_once(kind):
         t.join(100)
     assert not errors
     assert results == {i: [abs(x) for x in range(-i * 100, 0)] for i in range(1, 7)}
+
+
+async def async_square(x: int) -> int:
+    return x * x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.timeout(120)
+def test_maps_complete_while_workers_are_killed_every_200_ms():
+    """Six threads map (process and async pools, with retries) for a few seconds while
+    a killer SIGKILLs one of their workers every 200 ms: every map completes, right."""
+    import random
+
+    from twat_mp import AsyncMultiPool, ProcessPool
+
+    with ProcessPool(nodes=2, retries=20) as pool:
+        apool = AsyncMultiPool(processes=2, retries=20).start()
+        try:
+            stop = threading.Event()
+            done: list[int] = []
+            errors: list[BaseException] = []
+
+            def mapper(i: int) -> None:
+                try:
+                    while not stop.is_set():
+                        xs = range(i * 50, i * 50 + 200)
+                        if i % 2:
+                            assert pool.map(square, xs, chunksize=5) == [x * x for x in xs]
+                        else:
+                            assert apool.map_sync(async_square, xs, chunksize=5) == [x * x for x in xs]
+                        done.append(i)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=mapper, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 4
+            kills = 0
+            while time.monotonic() < deadline and not errors:
+                time.sleep(0.2)  # the fault's rhythm, not a synchronisation
+                pids = [w.pid for d in (pool._dispatcher, apool._dispatcher) if d is not None
+                        for w in list(d._workers.values()) if w.pid]
+                if pids:
+                    try:
+                        os.kill(random.choice(pids), signal.SIGKILL)
+                        kills += 1
+                    except ProcessLookupError:
+                        pass
+            stop.set()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors[:1]
+            assert kills >= 10 and len(done) >= 6
+        finally:
+            apool.terminate()
