@@ -262,54 +262,69 @@ class _AsyncWorker:
             self.result_w.send_bytes(HEADER.pack(protocol.RETIRE, 0, 0, 0.0))
 
     async def _run_items(self, fn: Any, mode: int, items: list[Any], timeout: float | None) -> ChunkResult:
+        """Call ``fn`` on every item; await the awaitable results concurrently (at most
+        ``concurrency`` in the whole worker). The first error cancels the rest."""
         start = time.perf_counter()
-        if not items:
-            return ChunkResult([], None, self.setup.worker_id, self.pid, 0.0)
-        tasks = [asyncio.ensure_future(self._call(fn, mode, item, timeout)) for item in items]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = [i for i, task in enumerate(tasks) if task.done() and task.exception() is not None]
-        if not failed:
-            return ChunkResult([t.result() for t in tasks], None, self.setup.worker_id, self.pid,
-                               time.perf_counter() - start)
-        for task in tasks:  # stop at the first error: the rest of the chunk is cancelled
-            task.cancel()
-        index = failed[0]
-        exc = tasks[index].exception()
-        assert exc is not None
-        results = []
-        for task in tasks[:index]:
-            if not task.done() or task.cancelled() or task.exception() is not None:
+        results: list[Any] = [None] * len(items)
+        waiting: dict[int, asyncio.Future[Any]] = {}
+        failed: tuple[int, BaseException] | None = None
+        for index, item in enumerate(items):
+            self.calls += 1
+            try:
+                if mode == MODE_ONE:
+                    call = fn(item)
+                elif mode == MODE_STAR:
+                    call = fn(*item)
+                else:
+                    call = fn(*item[0], **item[1])
+            except (Exception, SystemExit) as raised:  # a plain function raised
+                failed = (index, raised)
                 break
-            results.append(task.result())
+            if inspect.isawaitable(call):
+                waiting[index] = asyncio.ensure_future(self._await(call, timeout))
+            else:
+                results[index] = call
+        if waiting and failed is None:
+            try:
+                for index, value in zip(waiting, await asyncio.gather(*waiting.values())):
+                    results[index] = value
+            except (Exception, SystemExit):
+                first = min(i for i, f in waiting.items()
+                            if f.done() and not f.cancelled() and f.exception() is not None)
+                raised_later = waiting[first].exception()
+                assert raised_later is not None
+                failed = (first, raised_later)
+        if failed is None:
+            return ChunkResult(results, None, self.setup.worker_id, self.pid, time.perf_counter() - start)
+        for future in waiting.values():  # stop at the first error: the rest is cancelled
+            future.cancel()
+        index, exc = failed
+        done = []
+        for i in range(index):
+            pending = waiting.get(i)
+            if pending is not None and not (pending.done() and not pending.cancelled()
+                                            and pending.exception() is None):
+                break
+            done.append(results[i])
         if isinstance(exc, _Exit):
             exc = exc.exc
         if isinstance(exc, _CallTimedOut):
             error = stage_error(Stage.TIMEOUT, f"the call ran past timeout={timeout:g}s")
         else:
             error = RemoteError.capture(exc)
-        return ChunkResult(results, error, self.setup.worker_id, self.pid, time.perf_counter() - start, index)
+        return ChunkResult(done, error, self.setup.worker_id, self.pid, time.perf_counter() - start, index)
 
-    async def _call(self, fn: Any, mode: int, item: Any, timeout: float | None) -> Any:
+    async def _await(self, call: Any, timeout: float | None) -> Any:
         async with self.limit:
-            self.calls += 1
             try:
-                if mode == MODE_ONE:
-                    result = fn(item)
-                elif mode == MODE_STAR:
-                    result = fn(*item)
-                else:
-                    result = fn(*item[0], **item[1])
-                if inspect.isawaitable(result):
-                    if timeout is None:
-                        result = await result
-                    else:
-                        try:
-                            result = await asyncio.wait_for(result, timeout)
-                        except asyncio.TimeoutError:
-                            raise _CallTimedOut from None
-            except SystemExit as exc:  # reported as the call's error, as in sync workers
+                if timeout is None:
+                    return await call
+                try:
+                    return await asyncio.wait_for(call, timeout)
+                except asyncio.TimeoutError:
+                    raise _CallTimedOut from None
+            except SystemExit as exc:  # asyncio would let it end the loop: carry it as data
                 raise _Exit(exc) from exc
-            return result
 
 
 class _CallTimedOut(Exception):
@@ -317,7 +332,8 @@ class _CallTimedOut(Exception):
 
 
 class _Exit(Exception):
-    """A SystemExit raised by a call, carried through asyncio (which re-raises it)."""
+    """A SystemExit raised by a call, carried through asyncio (which would re-raise it
+    out of the event loop)."""
 
     def __init__(self, exc: SystemExit) -> None:
         super().__init__(exc)
