@@ -3,8 +3,25 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The project alone, no extras: what `make demo` needs.
+CORE_STAMP := $(VENV)/.installed-core
 
-.PHONY: test demo bench docs lint clean
+# Other Pythons that `make test` also runs the core tests on, each in its own .venv-X.Y with
+# `.[test]` only (no torch, Ray, docs or bench extras). `make test PYTHONS=` skips them.
+PYTHONS ?= 3.10 3.13
+PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
+# The interpreter for version $(1): pyenv's build of it, else pythonX.Y on the PATH.
+python_for = $(firstword $(wildcard $(PYENV_ROOT)/versions/$(1).*/bin/python$(1)) \
+                         $(shell command -v python$(1) 2>/dev/null))
+# Fast and torch-free: pools, decorators, errors, and every example of the docs.
+CORE_TESTS := tests/test_pools.py tests/test_decorators.py tests/test_errors.py tests/test_docs.py
+CORE_DESELECT := --deselect tests/test_docs.py::test_mkdocs_builds_strict
+
+# Runs a pytest command; pytest's exit status 5 (no tests collected) is said out loud and fails,
+# so a run that tested nothing is never taken for a pass, nor fails without a reason.
+PYTEST := sh -c '"$$@"; rc=$$?; [ $$rc -ne 5 ] || echo "error: pytest collected no tests: $$*" >&2; exit $$rc' pytest
+
+.PHONY: test test-pythons demo bench docs lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -12,14 +29,35 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a bare requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[all]'
-	touch $(STAMP)
+	touch $(STAMP) $(CORE_STAMP)
+
+$(CORE_STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(CORE_STAMP)
+
+.venv-%/.installed: pyproject.toml
+	@test -n "$(call python_for,$*)" || { echo "error: no Python $* (pyenv install $*, or make test PYTHONS=)" >&2; exit 1; }
+	test -d .venv-$* || $(call python_for,$*) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-$*/bin/pip install --quiet -e '.[test]'
+	touch $@
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest src tests
+	$(PYTEST) $(BIN)/python -m pytest src tests
+	$(MAKE) --no-print-directory test-pythons
 
-demo: $(STAMP)
+# Every Python runs even when one fails, so one CI run shows them all.
+test-pythons: $(foreach version,$(PYTHONS),.venv-$(version)/.installed)
+	@status=0; for version in $(PYTHONS); do \
+		echo "== core tests on Python $$version"; \
+		$(PYTEST) .venv-$$version/bin/python -m pytest -q $(CORE_TESTS) $(CORE_DESELECT) || status=$$?; \
+	done; exit $$status
+
+demo: $(CORE_STAMP)
 	$(BIN)/twat-mp demo
 
 bench: $(STAMP)
@@ -34,4 +72,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(foreach version,$(PYTHONS),.venv-$(version)) site .pytest_cache .mypy_cache
