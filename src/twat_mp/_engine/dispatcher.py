@@ -541,6 +541,11 @@ def _track(dispatcher: Dispatcher) -> None:
             _registered = True
 
 
+def live_dispatchers() -> list[Dispatcher]:
+    """Every dispatcher of this process not yet collected."""
+    return list(_live)
+
+
 def _terminate_all_at_exit() -> None:
     """At interpreter exit, pools are terminated, not drained: exit is quick and quiet."""
     global _exiting

@@ -80,6 +80,24 @@ def _prepare_forkserver(ctx: Any) -> None:
         _install_main_filter()
 
 
+def stop_forkserver() -> None:
+    """Stop the forkserver once no pool of ours is open (``shutdown_warm_pools`` calls
+    it), so the caller is left with no child process; the next pool starts it again.
+    A Jupyter kernel, for one, waits for its children before it exits."""
+    global _preloaded
+    from twat_mp._engine.dispatcher import live_dispatchers
+
+    with _server_lock:
+        if _preloaded is None or any(d.alive and getattr(d, "start_method", "") == "forkserver"
+                                     for d in live_dispatchers()):
+            return
+        from multiprocess import forkserver, resource_tracker
+
+        forkserver._forkserver._stop()
+        resource_tracker._resource_tracker._stop()  # the server started it; it ignores SIGTERM
+        _preloaded = None
+
+
 def _forget_server_after_fork() -> None:
     """A forked child is not the parent of its parent's forkserver: it starts its own."""
     global _preloaded, _server_lock
