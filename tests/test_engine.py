@@ -355,3 +355,30 @@ def test_maps_complete_while_workers_are_killed_every_200_ms():
             assert kills >= 10 and len(done) >= 6
         finally:
             apool.terminate()
+
+
+@pytest.mark.timeout(60)
+def test_pools_outlive_a_new_forkserver(tmp_path):
+    """A pool made after the caller imported another heavy module (here the async
+    worker) gets a new forkserver; the workers of the old one keep working."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import asyncio, os
+        from twat_mp import apmap, pmap, shutdown_warm_pools
+        def pid(_): return os.getpid()
+        async def apid(_): return os.getpid()
+        before = set(pmap(pid)(range(20)))
+        assert apmap(apid).sync(range(20))  # needs the async worker: a second server
+        after = set(pmap(pid)(range(20)))
+        assert after <= before, (before, after)
+        shutdown_warm_pools()
+        import psutil
+        assert not psutil.Process().children(), psutil.Process().children()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"

@@ -6,24 +6,63 @@
 ...     return x * x
 >>> square(range(5))
 [0, 1, 4, 9, 16]
+
+Names are imported when first used (``import twat_mp`` stays cheap; worker processes
+started from a forkserver pay for it too).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from twat_mp.__version__ import __version__
-from twat_mp._logging import set_debug_mode
-from twat_mp.aio import AsyncMultiPool, apmap
-from twat_mp.decorators import amap, imap, mmap, pmap, shutdown_warm_pools, warm_pool
-from twat_mp.errors import (
-    BrokenPoolError,
-    InitializerError,
-    PoolClosedError,
-    SerializationError,
-    TaskTimeoutError,
-    TwatMPError,
-    WorkerCrashedError,
-    WorkerError,
-)
-from twat_mp.pools import AsyncResult, MultiPool, ProcessPool, ThreadPool
-from twat_mp.state import WorkerInfo, worker_info, worker_state
+
+if TYPE_CHECKING:
+    from twat_mp._logging import set_debug_mode
+    from twat_mp.aio import AsyncMultiPool, apmap
+    from twat_mp.cli import main_banner as main
+    from twat_mp.decorators import amap, imap, mmap, pmap, shutdown_warm_pools, warm_pool
+    from twat_mp.errors import (
+        BrokenPoolError,
+        InitializerError,
+        PoolClosedError,
+        SerializationError,
+        TaskTimeoutError,
+        TwatMPError,
+        WorkerCrashedError,
+        WorkerError,
+    )
+    from twat_mp.pools import AsyncResult, MultiPool, ProcessPool, ThreadPool
+    from twat_mp.state import WorkerInfo, worker_info, worker_state
+
+_WHERE = {
+    "set_debug_mode": "twat_mp._logging",
+    "AsyncMultiPool": "twat_mp.aio",
+    "apmap": "twat_mp.aio",
+    "amap": "twat_mp.decorators",
+    "imap": "twat_mp.decorators",
+    "mmap": "twat_mp.decorators",
+    "pmap": "twat_mp.decorators",
+    "shutdown_warm_pools": "twat_mp.decorators",
+    "warm_pool": "twat_mp.decorators",
+    "BrokenPoolError": "twat_mp.errors",
+    "InitializerError": "twat_mp.errors",
+    "PoolClosedError": "twat_mp.errors",
+    "SerializationError": "twat_mp.errors",
+    "TaskTimeoutError": "twat_mp.errors",
+    "TwatMPError": "twat_mp.errors",
+    "WorkerCrashedError": "twat_mp.errors",
+    "WorkerError": "twat_mp.errors",
+    "AsyncResult": "twat_mp.pools",
+    "MultiPool": "twat_mp.pools",
+    "ProcessPool": "twat_mp.pools",
+    "ThreadPool": "twat_mp.pools",
+    "WorkerInfo": "twat_mp.state",
+    "worker_info": "twat_mp.state",
+    "worker_state": "twat_mp.state",
+}
+_RENAMED = {"main": ("twat_mp.cli", "main_banner")}
 
 __all__ = [
     "AsyncMultiPool",
@@ -44,6 +83,7 @@ __all__ = [
     "amap",
     "apmap",
     "imap",
+    "main",
     "mmap",
     "pmap",
     "set_debug_mode",
@@ -52,3 +92,19 @@ __all__ = [
     "worker_info",
     "worker_state",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in _RENAMED:
+        module, attribute = _RENAMED[name]
+        value = getattr(importlib.import_module(module), attribute)
+    else:
+        raise AttributeError(f"module 'twat_mp' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -19,7 +19,6 @@ which transport runs the chunks: a dispatcher says whether it ships bytes
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import itertools
@@ -239,6 +238,8 @@ async def run_batches_async(dispatcher: Dispatcher, fn: Callable[..., Any], iter
                             mode: int, options: MapOptions, progress: Any = None) -> AsyncIterator[list[Any]]:
     """``run_batches`` for a caller on an event loop: the manager's sink wakes the loop
     (``call_soon_threadsafe``); nothing polls."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     results: asyncio.Queue[tuple[Chunk, Any]] = asyncio.Queue()
 

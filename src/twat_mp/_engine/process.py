@@ -39,7 +39,7 @@ from twat_mp._engine import protocol, shm
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker
 from twat_mp._engine.protocol import HEADER
 from twat_mp._engine.serialization import dumps_dill, loads
-from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, WorkerSetup, async_worker_main, process_worker_main
+from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, WorkerSetup, process_worker_main
 
 STOP_GRACE_SECONDS = 1.0
 PIPE_BYTES = 1 << 20  # asked of the kernel for each task pipe (F_SETPIPE_SZ)
@@ -60,21 +60,37 @@ HEAVY_MODULES = ("numpy", "torch", "pandas", "scipy", "sklearn", "jax", "tensorf
 _server_lock = threading.Lock()
 _preloaded: tuple[str, ...] | None = None
 _no_main = threading.local()
+_retired_servers: list[Any] = []
+
+
+def _use_server(server: Any) -> None:
+    """Make ``server`` multiprocess's forkserver (its module functions are bound methods
+    of the singleton, so rebind them too)."""
+    from multiprocess import forkserver
+
+    forkserver._forkserver = server
+    for name in ("ensure_running", "get_inherited_fds", "connect_to_new_process", "set_forkserver_preload"):
+        setattr(forkserver, name, getattr(server, name))
 
 
 def _prepare_forkserver(ctx: Any) -> None:
     """Set the forkserver's preload list: our worker module and the heavy modules the
     caller has imported. When the caller has imported a heavy module since the server
-    started, restart the server with it (running workers are not affected)."""
+    started, new workers come from a new server that preloads it too."""
     global _preloaded
     wanted = ("twat_mp._engine.worker", *(m for m in HEAVY_MODULES if m in sys.modules))
+    if "twat_mp._engine.async_worker" in sys.modules:
+        wanted += ("twat_mp._engine.async_worker",)
     with _server_lock:
         if _preloaded is not None and set(wanted) <= set(_preloaded):
             return
         from multiprocess import forkserver
 
         if _preloaded is not None:
-            forkserver._forkserver._stop()
+            # A new server for new workers; the old one keeps serving the workers it
+            # forked (their exit statuses come through it), until stop_forkserver().
+            _retired_servers.append(forkserver._forkserver)
+            _use_server(forkserver.ForkServer())
         ctx.set_forkserver_preload(list(wanted))
         _preloaded = wanted
         _install_main_filter()
@@ -93,7 +109,9 @@ def stop_forkserver() -> None:
             return
         from multiprocess import forkserver, resource_tracker
 
-        forkserver._forkserver._stop()
+        for server in [*_retired_servers, forkserver._forkserver]:
+            server._stop()
+        _retired_servers.clear()
         resource_tracker._resource_tracker._stop()  # the server started it; it ignores SIGTERM
         _preloaded = None
 
@@ -102,13 +120,12 @@ def _forget_server_after_fork() -> None:
     """A forked child is not the parent of its parent's forkserver: it starts its own."""
     global _preloaded, _server_lock
     _server_lock = threading.Lock()
+    _retired_servers.clear()
     if _preloaded is not None:
         _preloaded = None
         from multiprocess import forkserver
 
-        forkserver._forkserver = forkserver.ForkServer()
-        for name in ("ensure_running", "get_inherited_fds", "connect_to_new_process", "set_forkserver_preload"):
-            setattr(forkserver, name, getattr(forkserver._forkserver, name))
+        _use_server(forkserver.ForkServer())
 
 
 os.register_at_fork(after_in_child=_forget_server_after_fork)
@@ -211,6 +228,8 @@ class ProcessDispatcher(Dispatcher):
             self.kind = "async-process"
         self._ctx = multiprocess.get_context(self.start_method)
         self._process_class = self._ctx.Process
+        if concurrency:
+            import twat_mp._engine.async_worker  # noqa: F401  (preloaded by the forkserver too)
         if self.start_method == "forkserver":
             _prepare_forkserver(self._ctx)
             self._process_class = _forkserver_process_class(self._ctx)
@@ -236,8 +255,13 @@ class ProcessDispatcher(Dispatcher):
             env = (*os.environ.items(), *env)
         setup = WorkerSetup(slot, os.getpid(), self._init_payload, self.shm_prefix, env,
                             self.concurrency, self.max_tasks)
+        target: Callable[..., None] = process_worker_main
+        if self.concurrency:
+            from twat_mp._engine.async_worker import async_worker_main
+
+            target = async_worker_main
         proc = self._process_class(
-            target=async_worker_main if self.concurrency else process_worker_main,
+            target=target,
             args=(task_r, result_w, setup, stamp),
             name=f"twat-mp-worker-{slot}",
             daemon=True,
