@@ -44,7 +44,6 @@ class AsyncMultiPool:
     calls at once. The API is aiomultiprocess's.
 
     >>> import asyncio
-import atexit
     >>> from twat_mp import AsyncMultiPool
     >>> async def double(x):
     ...     await asyncio.sleep(0)
@@ -347,7 +346,6 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
     worker processes, returning the list of results.
 
     >>> import asyncio
-import atexit
     >>> from twat_mp import apmap
     >>> @apmap
     ... async def double(x):
