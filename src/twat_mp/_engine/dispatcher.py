@@ -50,6 +50,8 @@ from twat_mp.errors import (
 #: this: then a round trip is a real share of the work. Longer chunks go to whichever
 #: worker is free first, which balances the load better.
 QUEUE_BEHIND_BELOW_SECONDS = 0.01
+#: How often the manager looks for the first stamp of a timed chunk it has sent.
+STAMP_POLL_SECONDS = 0.01
 #: Most chunks pinned to one worker that may wait in its queue behind the running one.
 PINNED_QUEUE_DEPTH = 64
 
@@ -119,12 +121,10 @@ class Worker:
         self.retiring = False  # asked to stop (max tasks reached): gets no more chunks
         self.pid: int | None = None
 
-    def item_started(self) -> float:
-        """When the item it runs now started (transports that publish it override)."""
-        return self.started
-
-    def item_index(self) -> int | None:
-        """Which item of its running chunk it runs now, if the transport knows."""
+    def running_item(self) -> tuple[int, float, int] | None:
+        """What the worker published of the item it runs now (a chunk with a timeout):
+        the chunk's id, when the item started, its index; None where the transport does
+        not publish it."""
         return None
 
 
@@ -312,13 +312,30 @@ class Dispatcher(ABC):
 
     def _deadline(self, worker: Worker) -> float | None:
         """When ``worker`` must be stopped unless it answers (None: no limit). For an
-        in-order worker: its running item's start plus the running chunk's timeout."""
+        in-order worker: when its running item started, plus the running chunk's
+        timeout; the clock starts when an item starts (not while a worker boots or
+        unpickles), as the worker stamps it."""
         if not worker.chunks or worker.timed_out:
             return None
         head = next(iter(worker.chunks.values()))
         if head.timeout is None:
             return None
-        return max(worker.started, worker.item_started()) + head.timeout
+        running = worker.running_item()
+        if running is None:  # a transport that does not stamp: from when it was sent
+            return worker.started + head.timeout * len(head.items)
+        chunk_id, started, _ = running
+        if chunk_id != head.id:
+            return None  # it has not begun this chunk yet (its result is on its way)
+        return started + head.timeout
+
+    def _awaiting_stamp(self, worker: Worker) -> bool:
+        """Has ``worker`` been sent a timed chunk whose first item it has not stamped
+        yet? (Then the manager looks again soon: a stamp wakes nobody.)"""
+        if not worker.chunks or worker.timed_out:
+            return False
+        head = next(iter(worker.chunks.values()))
+        running = worker.running_item()
+        return head.timeout is not None and running is not None and running[0] != head.id
 
     # -- the manager thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -390,6 +407,8 @@ class Dispatcher(ABC):
 
     def _next_wakeup(self) -> float | None:
         times = [d for d in map(self._deadline, self._workers.values()) if d is not None]
+        if any(map(self._awaiting_stamp, self._workers.values())):
+            times.append(time.monotonic() + STAMP_POLL_SECONDS)
         times += self._restart_due.values()
         if not times:
             return None
@@ -452,9 +471,9 @@ class Dispatcher(ABC):
                 error = self._broken
             elif worker.timed_out:
                 items = chunk.shown_items()
-                index = worker.item_index() if self.in_order else None
-                if index is not None and 0 <= index < len(items):
-                    items = [items[index]]
+                running = worker.running_item() if self.in_order else None
+                if running is not None and running[0] == chunk.id and 0 <= running[2] < len(items):
+                    items = [items[running[2]]]
                 error = TaskTimeoutError(items, chunk.timeout or 0.0, worker.slot)
             else:
                 error = WorkerCrashedError(chunk.shown_items(), worker.slot, worker.pid, exitcode)

@@ -35,13 +35,11 @@ class _ThreadWorker(Worker):
         self.pid: int = os.getpid()
         self.inbox: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self.thread: Any = None
-        self.stamp = [0.0, 0.0]  # running item: start time, index (for per-item timeouts)
+        self.stamp = [0.0, 0.0, 0.0]  # running item: start time, index, chunk id (for timeouts)
 
-    def item_started(self) -> float:
-        return self.stamp[0]
-
-    def item_index(self) -> int | None:
-        return int(self.stamp[1])
+    def running_item(self) -> tuple[int, float, int] | None:
+        start, index, chunk_id = self.stamp
+        return int(chunk_id), start, int(index)
 
 
 class ThreadDispatcher(Dispatcher):
@@ -76,7 +74,11 @@ class ThreadDispatcher(Dispatcher):
             chunk = worker.inbox.get()
             if chunk is None:
                 return
-            stamp = worker.stamp if chunk.timeout else None
+            stamp = None
+            if chunk.timeout:
+                stamp = worker.stamp
+                stamp[0], stamp[1] = time.monotonic(), 0  # the chunk's id last (read as a triple)
+                stamp[2] = chunk.id
             result = run_chunk(chunk.fn.fn, chunk.fn.mode, chunk.items, worker.slot, worker.pid, stamp)
             self._events.put(("result", worker, (chunk.id, result)))
 

@@ -41,7 +41,7 @@ FUNCTION_CACHE_SIZE = 64
 def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: int, pid: int,
               stamp: Any = None) -> ChunkResult:
     """Call ``fn`` on each item; stop at the first exception and report it. With
-    ``stamp`` (a one-slot array the manager can read), write each item's start time
+    ``stamp`` (an array the manager can read), write each item's start time and index
     into it, so the manager can enforce a per-item timeout on a whole batch."""
     results: list[Any] = []
     append = results.append
@@ -175,6 +175,9 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
             if error is not None:
                 result = ChunkResult([], error, worker_id, pid, 0.0)
             else:
+                if timeout:  # the chunk's id last: the manager must never pair it with an old time
+                    stamp[0], stamp[1] = time.monotonic(), 0
+                    stamp[2] = chunk_id
                 result = run_chunk(fn, mode, items, worker_id, pid, stamp if timeout else None)
             result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
                                 + encode_result(result, setup.shm_prefix))
