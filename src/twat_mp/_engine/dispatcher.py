@@ -50,7 +50,7 @@ from twat_mp.errors import (
 #: this: then a round trip is a real share of the work. Longer chunks go to whichever
 #: worker is free first, which balances the load better.
 QUEUE_BEHIND_BELOW_SECONDS = 0.01
-#: How often the manager looks for the first stamp of a timed chunk it has sent.
+#: The manager samples what a worker with a timed chunk runs at least this often.
 STAMP_POLL_SECONDS = 0.01
 #: Most chunks pinned to one worker that may wait in its queue behind the running one.
 PINNED_QUEUE_DEPTH = 64
@@ -120,11 +120,11 @@ class Worker:
         self.timed_out = False
         self.retiring = False  # asked to stop (max tasks reached): gets no more chunks
         self.pid: int | None = None
+        self.seen: tuple[int, int, float] | None = None  # running item, when first seen
 
-    def running_item(self) -> tuple[int, float, int] | None:
+    def running_item(self) -> tuple[int, int] | None:
         """What the worker published of the item it runs now (a chunk with a timeout):
-        the chunk's id, when the item started, its index; None where the transport does
-        not publish it."""
+        the chunk's id and the item's index; None where the transport does not."""
         return None
 
 
@@ -311,31 +311,36 @@ class Dispatcher(ABC):
         return [next(iter(worker.chunks.values()))] if worker.chunks else []
 
     def _deadline(self, worker: Worker) -> float | None:
-        """When ``worker`` must be stopped unless it answers (None: no limit). For an
-        in-order worker: when its running item started, plus the running chunk's
-        timeout; the clock starts when an item starts (not while a worker boots or
-        unpickles), as the worker stamps it."""
+        """When ``worker`` must be stopped unless it answers (None: no limit).
+
+        A worker running a chunk with a timeout publishes the index of each item as it
+        starts it (one integer write: cheap enough for tiny items). The manager notes
+        when it first sees each (chunk, index) and samples often enough
+        (``_sample_interval``) that a deadline is never early and at most a tenth of
+        the timeout (or 10 ms) late. An item's clock starts when it starts, not while
+        the worker boots or unpickles."""
         if not worker.chunks or worker.timed_out:
             return None
         head = next(iter(worker.chunks.values()))
         if head.timeout is None:
             return None
         running = worker.running_item()
-        if running is None:  # a transport that does not stamp: from when it was sent
+        if running is None:  # a transport that does not publish: from when it was sent
             return worker.started + head.timeout * len(head.items)
-        chunk_id, started, _ = running
-        if chunk_id != head.id:
-            return None  # it has not begun this chunk yet (its result is on its way)
-        return started + head.timeout
+        if worker.seen is None or worker.seen[:2] != running:
+            worker.seen = (*running, time.monotonic())
+        if running[0] != head.id:
+            return None  # it has not begun this chunk yet (the last result is on its way)
+        return worker.seen[2] + head.timeout
 
-    def _awaiting_stamp(self, worker: Worker) -> bool:
-        """Has ``worker`` been sent a timed chunk whose first item it has not stamped
-        yet? (Then the manager looks again soon: a stamp wakes nobody.)"""
+    def _sample_interval(self, worker: Worker) -> float | None:
+        """How soon to look again at what a worker runs (see ``_deadline``)."""
         if not worker.chunks or worker.timed_out:
-            return False
+            return None
         head = next(iter(worker.chunks.values()))
-        running = worker.running_item()
-        return head.timeout is not None and running is not None and running[0] != head.id
+        if head.timeout is None or worker.running_item() is None:
+            return None
+        return max(STAMP_POLL_SECONDS, head.timeout / 10)
 
     # -- the manager thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -407,8 +412,9 @@ class Dispatcher(ABC):
 
     def _next_wakeup(self) -> float | None:
         times = [d for d in map(self._deadline, self._workers.values()) if d is not None]
-        if any(map(self._awaiting_stamp, self._workers.values())):
-            times.append(time.monotonic() + STAMP_POLL_SECONDS)
+        samples = [i for i in map(self._sample_interval, self._workers.values()) if i is not None]
+        if samples:
+            times.append(time.monotonic() + min(samples))
         times += self._restart_due.values()
         if not times:
             return None
@@ -472,8 +478,8 @@ class Dispatcher(ABC):
             elif worker.timed_out:
                 items = chunk.shown_items()
                 running = worker.running_item() if self.in_order else None
-                if running is not None and running[0] == chunk.id and 0 <= running[2] < len(items):
-                    items = [items[running[2]]]
+                if running is not None and running[0] == chunk.id and 0 <= running[1] < len(items):
+                    items = [items[running[1]]]
                 error = TaskTimeoutError(items, chunk.timeout or 0.0, worker.slot)
             else:
                 error = WorkerCrashedError(chunk.shown_items(), worker.slot, worker.pid, exitcode)

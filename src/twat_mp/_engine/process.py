@@ -7,7 +7,7 @@
     task_w.send_bytes(FUNC frame, once per token) ─▶ task_r ─▶ cache function
     task_w.send_bytes(TASK frame)                 ─▶ task_r ─▶ run the chunk ─┐
     result_r ◀── RESULT frame (by chunk id) ◀──────── result_w ◀──────────────┘
-    stamp ◀── chunk id, index and start of the running item (sync workers, timeouts)
+    stamp ◀── chunk id and index of the running item (sync workers, timed chunks)
     proc.sentinel ready ─▶ worker died: re-run or fail its chunks, restart its slot
 
 Processes and pipes come from ``multiprocess`` (pathos's process layer, with dill), so
@@ -193,12 +193,12 @@ class _ProcessWorker(Worker):
         self.pid = proc.pid
         self.task_w = task_w
         self.result_r = result_r
-        self.stamp = memoryview(stamp).cast("B").cast("d")
+        self.stamp = memoryview(stamp).cast("B").cast("q")
         self.queue_budget = max(MIN_QUEUE_BYTES, pipe_bytes // 2)
         self.items_held = 0  # items of the chunks it holds (async workers)
 
-    def running_item(self) -> tuple[int, float, int] | None:
-        return int(self.stamp[2]), float(self.stamp[0]), int(self.stamp[1])
+    def running_item(self) -> tuple[int, int] | None:
+        return self.stamp[0], self.stamp[1]
 
     def release(self) -> None:
         for conn in (self.task_w, self.result_r):
@@ -246,7 +246,7 @@ class ProcessDispatcher(Dispatcher):
     def _start_worker(self, slot: int) -> Worker:
         task_r, task_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
-        stamp = self._ctx.RawArray("d", 3)  # running item: start time, index, chunk id
+        stamp = self._ctx.RawArray("q", 2)  # running item: chunk id, index
         env = self.slots[slot].env
         if self.start_method != "fork":  # the caller's environment as it is now, then the slot's
             env = (*os.environ.items(), *env)

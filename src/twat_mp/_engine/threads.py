@@ -35,11 +35,10 @@ class _ThreadWorker(Worker):
         self.pid: int = os.getpid()
         self.inbox: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self.thread: Any = None
-        self.stamp = [0.0, 0.0, 0.0]  # running item: start time, index, chunk id (for timeouts)
+        self.stamp = [0, 0]  # running item: chunk id, index (for timeouts)
 
-    def running_item(self) -> tuple[int, float, int] | None:
-        start, index, chunk_id = self.stamp
-        return int(chunk_id), start, int(index)
+    def running_item(self) -> tuple[int, int] | None:
+        return self.stamp[0], self.stamp[1]
 
 
 class ThreadDispatcher(Dispatcher):
@@ -77,8 +76,7 @@ class ThreadDispatcher(Dispatcher):
             stamp = None
             if chunk.timeout:
                 stamp = worker.stamp
-                stamp[0], stamp[1] = time.monotonic(), 0  # the chunk's id last (read as a triple)
-                stamp[2] = chunk.id
+                stamp[0], stamp[1] = chunk.id, 0
             result = run_chunk(chunk.fn.fn, chunk.fn.mode, chunk.items, worker.slot, worker.pid, stamp)
             self._events.put(("result", worker, (chunk.id, result)))
 

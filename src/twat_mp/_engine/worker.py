@@ -8,7 +8,7 @@ worker's loop is in ``async_worker``, imported only by async pools.)
     ───────────                               ────────────
     recv TASK ─▶ run_chunk ─▶ send RESULT     loop reader: recv frame ─▶ a task
        (one chunk at a time, in order;        loop: each TASK becomes a task; its items
-        each item's start stamped for           run concurrently, at most
+        each item's index published for         run concurrently, at most
         the manager when it has a timeout)      ``concurrency`` calls in the whole worker;
                                                 RESULT frames go back by chunk id as
                                                 chunks finish, in any order
@@ -41,22 +41,19 @@ FUNCTION_CACHE_SIZE = 64
 def run_chunk(fn: Callable[..., Any], mode: int, items: list[Any], worker_id: int, pid: int,
               stamp: Any = None) -> ChunkResult:
     """Call ``fn`` on each item; stop at the first exception and report it. With
-    ``stamp`` (an array the manager can read), write each item's start time and index
-    into it, so the manager can enforce a per-item timeout on a whole batch."""
+    ``stamp`` (an array the manager can read), write each item's index into it as the
+    item starts, so the manager can enforce a per-item timeout on a whole batch."""
     results: list[Any] = []
     append = results.append
     start = time.perf_counter()
     try:
         if stamp is not None:
-            clock = time.monotonic
             if mode == MODE_ONE:
                 for index, item in enumerate(items):
-                    stamp[0] = clock()
                     stamp[1] = index
                     append(fn(item))
             else:
                 for index, item in enumerate(items):
-                    stamp[0] = clock()
                     stamp[1] = index
                     append(fn(*item) if mode == MODE_STAR else fn(*item[0], **item[1]))
         elif mode == MODE_ONE:
@@ -161,7 +158,7 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
     if not start_worker(setup, result_w, "process"):
         return
     worker_id, pid = setup.worker_id, os.getpid()
-    stamp = memoryview(stamp).cast("B").cast("d")  # cheaper to write than the ctypes array
+    stamp = memoryview(stamp).cast("B").cast("q")  # cheaper to write than the ctypes array
     functions: dict[int, tuple[Any, int]] = {}
     while True:
         try:
@@ -175,9 +172,8 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
             if error is not None:
                 result = ChunkResult([], error, worker_id, pid, 0.0)
             else:
-                if timeout:  # the chunk's id last: the manager must never pair it with an old time
-                    stamp[0], stamp[1] = time.monotonic(), 0
-                    stamp[2] = chunk_id
+                if timeout:  # published for the manager (see Dispatcher._deadline)
+                    stamp[0], stamp[1] = chunk_id, 0
                 result = run_chunk(fn, mode, items, worker_id, pid, stamp if timeout else None)
             result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
                                 + encode_result(result, setup.shm_prefix))
