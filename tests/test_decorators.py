@@ -81,7 +81,7 @@ def test_metadata_and_pickling_are_kept():
 
 
 def test_mmap_rejects_unknown_how_listing_valid_ones():
-    with pytest.raises(ValueError, match="'map', 'imap', 'amap'"):
+    with pytest.raises(ValueError, match="Invalid mapping method.*'map', 'imap', 'amap'"):
         mmap("parallel")
     assert mmap("map", get_result=True)(abs)([-1]) == [1]
 
@@ -99,9 +99,10 @@ def test_calling_without_an_iterable_is_a_type_error():
 
 
 def test_warm_pool_is_reused_across_calls():
-    first = set(pid_of(range(20)))
-    second = set(pid_of(range(20)))
-    assert first == second  # the same workers served both calls
+    pool = warm_pool("process")
+    workers = {w.pid for w in pool._dispatcher._workers.values()}
+    served = set(pid_of(range(20))) | set(pid_of(range(20)))
+    assert served <= workers  # the warm pool's own workers served both calls
     assert warm_pool("process") is warm_pool("process")
     assert warm_pool("process", 1) is not warm_pool("process", 2)
 

@@ -89,29 +89,3 @@ def test_script_exception_class_is_caught_by_its_own_name(tmp_path, start_method
         assert found["both"] and found["original"] and found["remote"], found
         assert (found["code"], found["detail"], found["args"]) == (2, "two", ["code 2"]), found
         assert "code 2" in found["text"] and "code code" not in found["text"], found
-
-
-CELLS = [
-    "import json\nfrom twat_mp import ProcessPool, WorkerError",
-    "class CellError(Exception):\n"
-    "    def __init__(self, code):\n"
-    "        super().__init__(f'code {code}')\n"
-    "        self.code = code\n\n"
-    "def fail(x):\n"
-    "    raise CellError(x)",
-    "result = {}\n"
-    "with ProcessPool(nodes=1) as pool:\n"
-    "    try:\n"
-    "        pool.map(fail, [7])\n"
-    "    except CellError as exc:\n"
-    "        result = {'code': exc.code, 'both': isinstance(exc, WorkerError), 'args': list(exc.args)}\n"
-    "print(json.dumps(result))",
-]
-
-
-@pytest.mark.timeout(240)
-def test_notebook_cell_exception_class_is_caught_by_its_own_name():
-    pytest.importorskip("nbclient")
-    from test_notebook import last_json, run_notebook
-
-    assert last_json(run_notebook(CELLS)) == {"code": 7, "both": True, "args": ["code 7"]}

@@ -26,8 +26,44 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int
     return value
 
 
-def check_nodes(nodes: Any) -> int:
-    return check_positive_int("nodes", nodes) or cpu_count()
+def max_workers() -> int:
+    """The most workers this machine lets one pool start: each process worker needs a
+    process and about four file descriptors (pipes, sentinel), within this process's
+    limits; never more than 4096."""
+    limit = 4096
+    try:
+        import resource
+
+        for which, per_worker in ((resource.RLIMIT_NPROC, 1), (resource.RLIMIT_NOFILE, 4)):
+            soft, _ = resource.getrlimit(which)
+            if soft != resource.RLIM_INFINITY:
+                limit = min(limit, max(1, (soft - 64) // per_worker))
+    except (ImportError, OSError, ValueError):
+        pass
+    return limit
+
+
+def check_nodes(nodes: Any, name: str = "nodes") -> int:
+    size = check_positive_int(name, nodes)
+    if size is None:
+        return cpu_count()
+    most = max_workers()
+    if size > most:
+        raise ValueError(f"{name}={size} is more workers than this machine allows one pool ({most}: "
+                         "process and file-descriptor limits); ask for fewer")
+    return size
+
+
+def check_initializer(initializer: Any) -> Any:
+    if initializer is not None and not callable(initializer):
+        raise ValueError(f"initializer must be callable, got {initializer!r}")
+    return initializer
+
+
+def check_initargs(initargs: Any) -> tuple[Any, ...]:
+    if isinstance(initargs, (str, bytes, dict)) or not isinstance(initargs, (tuple, list)):
+        raise ValueError(f"initargs must be a tuple (or list) of arguments for the initializer, got {initargs!r}")
+    return tuple(initargs)
 
 
 def check_kind(kind: Any) -> str:
@@ -92,12 +128,13 @@ class MapOptions:
         set_(self, "progress", check_progress(self.progress))
         set_(self, "ordered", check_ordered(self.ordered))
 
-    def merged(self, **overrides: Any) -> MapOptions:
+    def merged(self, where: str = "", /, **overrides: Any) -> MapOptions:
         """These options with ``overrides`` (a call's keyword options) applied; an
         override of ``None`` keeps the value. Unknown names are a TypeError."""
         names = {field.name for field in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; valid options are {sorted(names)}")
+            valid = sorted(names - {"decorator"})
+            raise TypeError(f"{where or 'this call'} got unknown option(s) {unknown}; valid options are {valid}")
         changes = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **changes) if changes else self

@@ -12,16 +12,16 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from twat_mp import _options
-from twat_mp._engine.dispatcher import Dispatcher
-from twat_mp._engine.jobs import flatten, run_batches, submit_call
-from twat_mp._engine.process import ProcessDispatcher
 from twat_mp._engine.protocol import MODE_ONE, MODE_STAR
-from twat_mp._engine.threads import ThreadDispatcher
 from twat_mp._logging import logger
 from twat_mp.errors import PoolClosedError
+
+if TYPE_CHECKING:  # the engine is imported when a pool opens (import twat_mp stays cheap)
+    from twat_mp._engine.dispatcher import Dispatcher
+
 
 __all__ = ["AsyncResult", "MultiPool", "ProcessPool", "ThreadPool"]
 
@@ -93,10 +93,8 @@ class MultiPool:
     ) -> None:
         self._nodes = _options.check_nodes(nodes)
         self._pool_class = pool_class
-        if initializer is not None and not callable(initializer):
-            raise ValueError(f"initializer must be callable, got {initializer!r}")
-        self.initializer = initializer
-        self.initargs = tuple(initargs)
+        self.initializer = _options.check_initializer(initializer)
+        self.initargs = _options.check_initargs(initargs)
         self.options = _options.MapOptions(chunksize=chunksize, max_in_flight=max_in_flight, timeout=timeout,
                                            retries=retries, progress=progress)
         self._dispatcher: Dispatcher | None = None
@@ -113,7 +111,11 @@ class MultiPool:
         # Used directly (twat-mp 2.x style: ``MultiPool(pool_class=...)``), the pool's
         # kind follows ``pool_class``: thread for a thread pool class, else process.
         if self._pool_class is not None and "thread" in self._pool_class.__name__.lower():
+            from twat_mp._engine.threads import ThreadDispatcher
+
             return ThreadDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
+        from twat_mp._engine.process import ProcessDispatcher
+
         return ProcessDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
 
     def _open(self) -> MultiPool:
@@ -176,21 +178,22 @@ class MultiPool:
 
     # -- maps ------------------------------------------------------------------------------
     def _batches(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], *,
-                 ordered: bool = True, **options: Any) -> Iterator[list[Any]]:
+                 ordered: bool = True, method: str = "map", **options: Any) -> Iterator[list[Any]]:
         dispatcher = self._engine()
         if not iterables:
-            raise TypeError("map needs at least one iterable")
+            raise TypeError(f"{type(self).__name__}.{method}() needs at least one iterable")
         if len(iterables) == 1:
             source, mode = iterables[0], MODE_ONE
         else:
             source, mode = zip(*iterables), MODE_STAR
-        return self._run(dispatcher, fn, source, mode=mode, ordered=ordered, **options)
+        return self._run(dispatcher, fn, source, mode=mode, ordered=ordered, method=method, **options)
 
     def _run(self, dispatcher: Dispatcher, fn: Callable[..., Any], source: Iterable[Any], *,
-             mode: int, ordered: bool, **overrides: Any) -> Iterator[list[Any]]:
+             mode: int, ordered: bool, method: str, **overrides: Any) -> Iterator[list[Any]]:
+        from twat_mp._engine.jobs import run_batches
         from twat_mp._progress import progress_bar
 
-        options = self.options.merged(ordered=ordered, **overrides)
+        options = self.options.merged(f"{type(self).__name__}.{method}()", ordered=ordered, **overrides)
         bar = progress_bar(options.progress, source)
         results = run_batches(dispatcher, fn, source, mode=mode, options=options, progress=bar)
         if bar is None:
@@ -212,20 +215,25 @@ class MultiPool:
         It reads the input as it goes and keeps at most ``max_in_flight`` batches
         submitted and not yet consumed, so an endless generator streams in flat memory.
         """
-        return flatten(self._batches(fn, iterables, ordered=ordered, **options))
+        from twat_mp._engine.jobs import flatten
+
+        _options.check_ordered(ordered)
+        return flatten(self._batches(fn, iterables, ordered=ordered, method="imap", **options))
 
     def uimap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> Iterator[Any]:
         """A lazy iterator of results in the order they finish."""
-        return flatten(self._batches(fn, iterables, ordered=False, **options))
+        from twat_mp._engine.jobs import flatten
+
+        return flatten(self._batches(fn, iterables, ordered=False, method="uimap", **options))
 
     def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], **options: Any) -> list[Any]:
         """``[fn(*args) for args in iterable]``, computed by the workers."""
-        batches = self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, **options)
+        batches = self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, method="starmap", **options)
         return list(itertools.chain.from_iterable(batches))
 
     def amap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> AsyncResult:
         """Submit the map and return at once; ``.get()`` returns the list of results."""
-        batches = self._batches(fn, iterables, **options)
+        batches = self._batches(fn, iterables, method="amap", **options)
         future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
         def collect() -> None:
@@ -242,6 +250,8 @@ class MultiPool:
     # -- single calls ------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` in a worker; return a ``concurrent.futures.Future``."""
+        from twat_mp._engine.jobs import submit_call
+
         return submit_call(self._engine(), fn, args, kwargs, timeout=self.options.timeout,
                            retries=self.options.retries)
 
@@ -273,9 +283,10 @@ class ProcessPool(MultiPool):
     ...     pool.map(lambda x: x * x, range(5))
     [0, 1, 4, 9, 16]
 
-    ``start_method`` is ``"fork"`` on Linux (fast, and the workers see everything the
-    caller defined) and ``"spawn"`` elsewhere; pass ``"spawn"`` where the caller holds
-    state that must not be forked (a CUDA context, for one).
+    ``start_method`` is ``"forkserver"`` on Linux (workers are forked from a clean
+    server process that preloads the heavy modules the caller imported; safe in a
+    parent that runs threads, and no ``__main__`` guard is needed) and ``"spawn"``
+    elsewhere; ``"fork"`` starts the first pool fastest.
     """
 
     kind = "process"
@@ -285,6 +296,8 @@ class ProcessPool(MultiPool):
         super().__init__(nodes, **options)
 
     def _make_dispatcher(self) -> Dispatcher:
+        from twat_mp._engine.process import ProcessDispatcher
+
         return ProcessDispatcher(self._nodes, start_method=self.start_method,
                                  initializer=self.initializer, initargs=self.initargs)
 
@@ -302,4 +315,6 @@ class ThreadPool(MultiPool):
     kind = "thread"
 
     def _make_dispatcher(self) -> Dispatcher:
+        from twat_mp._engine.threads import ThreadDispatcher
+
         return ThreadDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)

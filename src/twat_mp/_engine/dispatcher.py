@@ -50,6 +50,8 @@ from twat_mp.errors import (
 #: this: then a round trip is a real share of the work. Longer chunks go to whichever
 #: worker is free first, which balances the load better.
 QUEUE_BEHIND_BELOW_SECONDS = 0.01
+#: The longest the manager sleeps in one wait (it simply waits again).
+MAX_WAIT_SECONDS = 3600.0
 #: The manager samples what a worker with a timed chunk runs at least this often.
 STAMP_POLL_SECONDS = 0.01
 #: Most chunks pinned to one worker that may wait in its queue behind the running one.
@@ -418,7 +420,8 @@ class Dispatcher(ABC):
         times += self._restart_due.values()
         if not times:
             return None
-        return max(0.0, min(times) - time.monotonic())
+        # capped: select() refuses waits beyond a few weeks, and a huge timeout= is fine
+        return min(MAX_WAIT_SECONDS, max(0.0, min(times) - time.monotonic()))
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()

@@ -110,7 +110,10 @@ def stop_forkserver() -> None:
         from multiprocess import forkserver, resource_tracker
 
         for server in [*_retired_servers, forkserver._forkserver]:
-            server._stop()
+            try:
+                server._stop()
+            except FileNotFoundError:  # at exit its socket's directory may be gone already
+                server._forkserver_address = None
         _retired_servers.clear()
         resource_tracker._resource_tracker._stop()  # the server started it; it ignores SIGTERM
         _preloaded = None
