@@ -17,12 +17,10 @@ warm pool serves ``await f(xs)`` from any loop and ``f.sync(xs)`` from plain cod
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections.abc
 import functools
 import inspect
 import itertools
-import os
 import threading
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Sequence
 
@@ -33,13 +31,14 @@ from twat_mp._engine.process import ProcessDispatcher
 from twat_mp._engine.protocol import MODE_ONE, MODE_STAR
 from twat_mp._logging import logger
 from twat_mp.errors import PoolClosedError
+from twat_mp.pools import PoolLifecycle
 
 __all__ = ["AsyncMultiPool", "apmap"]
 
 NOT_OPEN = "Pool not initialized: use it inside `async with AsyncMultiPool(...) as pool:`"
 
 
-class AsyncMultiPool:
+class AsyncMultiPool(PoolLifecycle):
     """Worker processes that each run an event loop with up to ``childconcurrency``
     calls at once. The API is aiomultiprocess's.
 
@@ -93,10 +92,6 @@ class AsyncMultiPool:
     def nodes(self) -> int:
         return self.processes
 
-    @property
-    def alive(self) -> bool:
-        return not self._closed and (self._dispatcher is None or self._dispatcher.alive)
-
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> AsyncMultiPool:
         """Start the workers (``async with`` does it); needs no event loop."""
@@ -121,20 +116,6 @@ class AsyncMultiPool:
         else:
             self.terminate()
         await self.join()
-
-    def close(self) -> None:
-        """Accept no more work; workers exit once the work already given is done."""
-        with self._lock:
-            self._closed = True
-            if self._dispatcher is not None:
-                self._dispatcher.close()
-
-    def terminate(self) -> None:
-        """Stop every worker now; unfinished calls raise."""
-        with self._lock:
-            self._closed = True
-            if self._dispatcher is not None:
-                self._dispatcher.terminate()
 
     async def join(self) -> None:
         """Wait until the workers have exited (after ``close`` or ``terminate``)."""
@@ -221,43 +202,6 @@ async def _closing_bar(batches: AsyncIterator[list[Any]], bar: Any) -> AsyncIter
 
 
 # -- apmap ---------------------------------------------------------------------------------
-_warm: dict[tuple[Any, ...], AsyncMultiPool] = {}
-_warm_lock = threading.Lock()
-
-
-def warm_async_pool(processes: int | None, childconcurrency: int) -> AsyncMultiPool:
-    """The shared, started AsyncMultiPool that ``apmap`` uses for these options."""
-    key = (processes, childconcurrency)
-    with _warm_lock:
-        pool = _warm.get(key)
-        if pool is None or not pool.alive:
-            pool = _warm[key] = AsyncMultiPool(processes, childconcurrency=childconcurrency).start()
-        return pool
-
-
-def shutdown_async_pools() -> None:
-    """Terminate every warm async pool (at interpreter exit, and from shutdown_warm_pools)."""
-    with _warm_lock:
-        pools = list(_warm.values())
-        _warm.clear()
-    for pool in pools:
-        pool.terminate()
-    for pool in pools:
-        if pool._dispatcher is not None:
-            pool._dispatcher.join(5.0)
-
-
-def _forget_after_fork() -> None:
-    # The child inherited the parent's pools but none of their threads: drop, never close.
-    global _warm_lock
-    _warm.clear()
-    _warm_lock = threading.Lock()
-
-
-atexit.register(shutdown_async_pools)
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
 class MapCall(collections.abc.Coroutine):  # type: ignore[type-arg]
     """What an ``@apmap`` function returns: a coroutine (``await`` it, or pass it to
     ``asyncio.run`` / ``asyncio.create_task``) of the list of results. Used as a list
@@ -310,10 +254,17 @@ class AsyncMappedFunction:
     async def _run(self, iterables: tuple[Iterable[Any], ...]) -> list[Any]:
         if state.in_worker():  # inside a worker: await each call here, never nest pools
             return [await _call(self.func, args) for args in zip(*iterables)]
-        pool = warm_async_pool(self.processes, self.childconcurrency)
         mode, source = (MODE_ONE, iterables[0]) if len(iterables) == 1 else (MODE_STAR, zip(*iterables))
         options = dataclass_dict(self.options)
-        return [x async for batch in pool._batches(self.func, source, mode, options) for x in batch]
+        with self._warm_pool() as pool:
+            return [x async for batch in pool._batches(self.func, source, mode, options) for x in batch]
+
+    def _warm_pool(self) -> Any:
+        """The shared warm pool for these options (the decorators' registry), held for
+        the length of a call."""
+        from twat_mp.decorators import _borrowed
+
+        return _borrowed("async", self.processes, {"childconcurrency": self.childconcurrency})
 
     def sync(self, *iterables: Iterable[Any]) -> list[Any]:
         """Run the map from synchronous code (no event loop needed; a running one in
@@ -323,8 +274,8 @@ class AsyncMappedFunction:
         if state.in_worker():
             serial: list[Any] = _run_sync(self._run(iterables))
             return serial
-        pool = warm_async_pool(self.processes, self.childconcurrency)
-        results: list[Any] = pool.map_sync(self.func, *iterables, **dataclass_dict(self.options))
+        with self._warm_pool() as pool:
+            results: list[Any] = pool.map_sync(self.func, *iterables, **dataclass_dict(self.options))
         return results
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:  # decorated methods bind
@@ -355,7 +306,8 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
 
     In async code, ``await double([1, 2, 3])``; ``asyncio.run(double(xs))`` and
     ``asyncio.create_task(double(xs))`` work too. The pool is warm: it is started on
-    first use, shared by every event loop and thread, and stopped at interpreter exit.
+    first use, shared by every event loop and thread, and stopped at interpreter exit or
+    by ``shutdown_warm_pools()``.
     """
     _options.check_positive_int("processes", processes)
     _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)

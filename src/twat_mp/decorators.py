@@ -28,12 +28,21 @@ from twat_mp.pools import MultiPool, ProcessPool, ThreadPool
 __all__ = ["MappedFunction", "amap", "imap", "mmap", "pmap", "shutdown_warm_pools", "warm_pool"]
 
 HOWS = ("map", "imap", "amap")
-_POOL_CLASSES: dict[str, type[MultiPool]] = {"process": ProcessPool, "thread": ThreadPool}
+
+
+def _pool_class(kind: str) -> Any:
+    """The pool class of a warm-pool kind ("async" is apmap's: an AsyncMultiPool)."""
+    if kind == "async":
+        from twat_mp.aio import AsyncMultiPool
+
+        return AsyncMultiPool
+    return {"process": ProcessPool, "thread": ThreadPool}[_options.check_kind(kind)]
+
 
 #: Idle warm pools kept beyond this many are closed, least recently used first.
 MAX_WARM_POOLS = 8
 
-_warm: collections.OrderedDict[tuple[Any, ...], MultiPool] = collections.OrderedDict()
+_warm: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
 _in_use: collections.Counter[tuple[Any, ...]] = collections.Counter()
 _warm_lock = threading.Lock()
 
@@ -54,8 +63,9 @@ def _key(kind: str, nodes: int, options: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def warm_pool(kind: str = "process", nodes: int | None = None, **options: Any) -> MultiPool:
-    """The shared, already-started pool the decorators use for ``kind``, ``nodes`` and
-    pool ``options`` (``initializer``, ``initargs``, ``start_method``).
+    """The shared, already-started pool the decorators use for ``kind`` ("process",
+    "thread", or "async" for ``apmap``), ``nodes`` and pool ``options``
+    (``initializer``, ``initargs``, ``start_method``; ``childconcurrency`` for async).
 
     Pools are keyed by exact values (arrays and other objects by identity), started on
     first use, shut down at interpreter exit, replaced after ``os.fork`` or once
@@ -63,7 +73,8 @@ def warm_pool(kind: str = "process", nodes: int | None = None, **options: Any) -
     pools are kept: beyond that the least recently used is closed.
     """
     with _borrowed(kind, nodes, options) as pool:
-        return pool
+        found: MultiPool = pool
+        return found
 
 
 class _borrowed:
@@ -71,19 +82,20 @@ class _borrowed:
     while a call uses it."""
 
     def __init__(self, kind: str, nodes: int | None, options: dict[str, Any]) -> None:
-        self.kind = _options.check_kind(kind)
+        self.kind = kind
+        self.pool_class = _pool_class(kind)
         self.nodes = _options.check_nodes(nodes)
         self.options = options
         self.key = _key(self.kind, self.nodes, options)
 
-    def __enter__(self) -> MultiPool:
+    def __enter__(self) -> Any:
         retired: list[MultiPool] = []
         with _warm_lock:
             pool = _warm.get(self.key)
             if pool is None or not pool.alive:
                 logger.debug("starting warm {} pool with {} workers", self.kind, self.nodes)
-                pool = _POOL_CLASSES[self.kind](self.nodes, **self.options)._open()
-                pool._warm_options = self.options  # type: ignore[attr-defined]  # keeps ids alive
+                pool = self.pool_class(self.nodes, **self.options)._open()
+                pool._warm_options = self.options  # keeps the ids in the key alive
                 _warm[self.key] = pool
             _warm.move_to_end(self.key)
             _in_use[self.key] += 1
@@ -112,10 +124,8 @@ def shutdown_warm_pools() -> None:
     for pool in pools:
         pool.close()
     for pool in pools:
-        pool.join(5.0)
-    aio = sys.modules.get("twat_mp.aio")
-    if aio is not None:
-        aio.shutdown_async_pools()
+        if pool._dispatcher is not None:
+            pool._dispatcher.join(5.0)
     process = sys.modules.get("twat_mp._engine.process")
     if process is not None:
         process.stop_forkserver()

@@ -55,7 +55,34 @@ class AsyncResult:
         return self.future.exception() is None
 
 
-class MultiPool:
+class PoolLifecycle:
+    """What every pool has: one engine dispatcher, started on opening, closed or
+    terminated under a lock (process, thread and async pools share it)."""
+
+    _dispatcher: Dispatcher | None
+    _closed: bool
+    _lock: threading.Lock
+
+    def close(self) -> None:
+        """Accept no more work; workers exit once the work already given is done."""
+        with self._lock:
+            self._closed = True
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+
+    def terminate(self) -> None:
+        """Stop every worker now; unfinished calls raise."""
+        with self._lock:
+            self._closed = True
+            if self._dispatcher is not None:
+                self._dispatcher.terminate()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and (self._dispatcher is None or self._dispatcher.alive)
+
+
+class MultiPool(PoolLifecycle):
     """A pool of workers used as a context manager.
 
     Args:
@@ -137,28 +164,10 @@ class MultiPool:
             self.terminate()
         self.join()
 
-    def close(self) -> None:
-        """Accept no more work; workers exit once the work already given is done."""
-        with self._lock:
-            self._closed = True
-            if self._dispatcher is not None:
-                self._dispatcher.close()
-
-    def terminate(self) -> None:
-        """Stop every worker now; unfinished calls raise."""
-        with self._lock:
-            self._closed = True
-            if self._dispatcher is not None:
-                self._dispatcher.terminate()
-
     def join(self, timeout: float | None = None) -> None:
         """Wait until the workers have exited (after ``close`` or ``terminate``)."""
         if self._dispatcher is not None:
             self._dispatcher.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return not self._closed and (self._dispatcher is None or self._dispatcher.alive)
 
     def _engine(self) -> Dispatcher:
         dispatcher = self._dispatcher
