@@ -382,3 +382,20 @@ def test_pools_outlive_a_new_forkserver(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_cancelled_future_never_runs_and_the_pool_goes_on(kind):
+    from twat_mp import ProcessPool, ThreadPool
+
+    cls = ProcessPool if kind == "process" else ThreadPool
+    with cls(nodes=1) as pool:
+        blocker = pool.submit(time.sleep, 0.5)  # holds the only worker
+        queued = [pool.submit(record, i) for i in range(5)]
+        assert all(f.cancel() for f in queued[1:])  # still pending: they can be cancelled
+        blocker.result(10)
+        assert queued[0].result(10)[-1] == 0
+        assert all(f.cancelled() for f in queued[1:])
+        seen = pool.apply(record, 99)
+        assert seen[-2:] == [0, 99]  # the cancelled calls never ran
