@@ -250,3 +250,53 @@ def test_async_pool_option_errors_name_the_option():
         AsyncMultiPool(initargs=1.5)
     with pytest.raises(ValueError, match="maxtasksperchild"):
         AsyncMultiPool(maxtasksperchild=-1)
+
+
+class Scaler:
+    def __init__(self, k):
+        self.k = k
+
+    @apmap(processes=2)
+    async def scale(self, x):
+        return self.k * x
+
+
+@pytest.mark.timeout(60)
+def test_apmap_methods_bind_their_instance():
+    assert Scaler(3).scale.sync([1, 2]) == [3, 6]
+    assert asyncio.run(Scaler(4).scale([1, 2])) == [4, 8]
+
+
+MAIN_SCRIPT = """
+import asyncio
+from twat_mp import apmap, WorkerError
+
+class Oops(Exception):
+    pass
+
+@apmap
+async def risky(x):
+    await asyncio.sleep(0.001)
+    if x == 3:
+        raise Oops(f"bad {x}")
+    return x
+
+for run in (lambda: risky.sync(range(10)), lambda: asyncio.run(risky(range(10)))):
+    try:
+        run()
+    except Oops as exc:
+        print("caught", isinstance(exc, WorkerError), exc.input_item)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_exception_class_of_a_main_script_is_caught_through_apmap(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(MAIN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["caught True 3", "caught True 3"]
+    assert out.stderr == ""

@@ -247,17 +247,20 @@ class AsyncMappedFunction:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *iterables: Iterable[Any]) -> MapCall:
+        return self._call(self.func, iterables)
+
+    def _call(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...]) -> MapCall:
         if not iterables:
             raise TypeError(f"{self.__name__}() takes an iterable to map over (like builtin map)")
-        return MapCall(self.__name__, self._run(iterables))
+        return MapCall(self.__name__, self._run(fn, iterables))
 
-    async def _run(self, iterables: tuple[Iterable[Any], ...]) -> list[Any]:
+    async def _run(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...]) -> list[Any]:
         if state.in_worker():  # inside a worker: await each call here, never nest pools
-            return [await _call(self.func, args) for args in zip(*iterables)]
+            return [await _call(fn, args) for args in zip(*iterables)]
         mode, source = (MODE_ONE, iterables[0]) if len(iterables) == 1 else (MODE_STAR, zip(*iterables))
         options = dataclass_dict(self.options)
         with self._warm_pool() as pool:
-            return [x async for batch in pool._batches(self.func, source, mode, options) for x in batch]
+            return [x async for batch in pool._batches(fn, source, mode, options) for x in batch]
 
     def _warm_pool(self) -> Any:
         """The shared warm pool for these options (the decorators' registry), held for
@@ -269,20 +272,39 @@ class AsyncMappedFunction:
     def sync(self, *iterables: Iterable[Any]) -> list[Any]:
         """Run the map from synchronous code (no event loop needed; a running one in
         this thread, as in a notebook cell, is not disturbed)."""
+        return self._sync(self.func, iterables)
+
+    def _sync(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...]) -> list[Any]:
         if not iterables:
             raise TypeError(f"{self.__name__}.sync() takes an iterable to map over (like builtin map)")
         if state.in_worker():
-            serial: list[Any] = _run_sync(self._run(iterables))
+            serial: list[Any] = _run_sync(self._run(fn, iterables))
             return serial
         with self._warm_pool() as pool:
-            results: list[Any] = pool.map_sync(self.func, *iterables, **dataclass_dict(self.options))
+            results: list[Any] = pool.map_sync(fn, *iterables, **dataclass_dict(self.options))
         return results
 
-    def __get__(self, instance: Any, owner: Any = None) -> Any:  # decorated methods bind
-        return self if instance is None else functools.partial(self, instance)
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        """As a method: ``await obj.method(xs)`` maps ``method(obj, x)`` over ``xs``."""
+        return self if instance is None else _BoundAsyncMapped(self, instance)
 
     def __repr__(self) -> str:
         return f"<apmap {getattr(self.func, '__qualname__', self.func)!r}>"
+
+
+class _BoundAsyncMapped:
+    """An ``@apmap`` method bound to its instance (sent along with each call)."""
+
+    def __init__(self, mapped: AsyncMappedFunction, instance: Any) -> None:
+        self.mapped = mapped
+        self.instance = instance
+        functools.update_wrapper(self, mapped.func)
+
+    def __call__(self, *iterables: Iterable[Any]) -> MapCall:
+        return self.mapped._call(functools.partial(self.mapped.func, self.instance), iterables)
+
+    def sync(self, *iterables: Iterable[Any]) -> list[Any]:
+        return self.mapped._sync(functools.partial(self.mapped.func, self.instance), iterables)
 
 
 def dataclass_dict(options: _options.MapOptions) -> dict[str, Any]:
