@@ -87,10 +87,21 @@ def test_mmap_rejects_unknown_how_listing_valid_ones():
 
 
 @pytest.mark.parametrize("kwargs,option", [({"nodes": 0}, "nodes"), ({"kind": "fiber"}, "kind"),
-                                           ({"timeout": -1}, "timeout"), ({"bogus": 1}, "bogus")])
-def test_bad_options_are_value_errors_naming_the_option(kwargs, option):
+                                           ({"timeout": -1}, "timeout"), ({"chunksize": 0}, "chunksize"),
+                                           ({"progress": 3}, "progress"), ({"ordered": "no"}, "ordered"),
+                                           ({"initargs": 1.5}, "initargs"), ({"start_method": "x"}, "start_method")])
+def test_bad_options_are_value_errors_naming_the_option_when_decorating(kwargs, option):
     with pytest.raises(ValueError, match=option):
-        pmap(**kwargs)(abs)([1])
+        pmap(**kwargs)  # before any function, before any call
+
+
+def test_unknown_options_are_type_errors_listing_the_valid_ones():
+    with pytest.raises(TypeError, match=r"@pmap got unknown option\(s\) \['bogus'\]; valid options are .*'timeout'"):
+        pmap(bogus=1)
+    with pytest.raises(TypeError, match=r"@amap got unknown option"):
+        amap(nodes=1, bogus=1)
+    with pytest.raises(TypeError, match=r"warm_pool\(\) got unknown pool option\(s\) \['timeout'\]"):
+        warm_pool("thread", 1, timeout=3)
 
 
 def test_calling_without_an_iterable_is_a_type_error():
@@ -172,3 +183,75 @@ def test_compat_module_paths_reexport_the_2x_names():
     assert isinstance(twat_mp.__version__, str)
     assert set(twat_mp.__all__) >= {"pmap", "imap", "amap", "apmap", "mmap", "MultiPool", "ProcessPool",
                                     "ThreadPool", "AsyncMultiPool", "WorkerError", "set_debug_mode"}
+
+
+# -- decorated methods: obj.method(xs) maps method(obj, x) over xs -------------------------
+
+class Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    @pmap
+    def scale(self, x):
+        return self.factor * x
+
+    @pmap(kind="thread")
+    def scale_in_threads(self, x):
+        return self.factor * x
+
+    @imap(nodes=2)
+    def lazy(self, x):
+        return self.factor + x
+
+    @amap(kind="thread")
+    def collected(self, x, y):
+        return self.factor * x + y
+
+    @pmap(kind="thread")
+    @staticmethod
+    def halve(x):
+        return x / 2
+
+    @pmap
+    @classmethod
+    def named(cls, x):
+        return f"{cls.__name__}:{x}"
+
+
+class BigScaler(Scaler):
+    pass
+
+
+class Unpicklable(Scaler):
+    def __init__(self, factor: int) -> None:
+        super().__init__(factor)
+        self.pending = (i for i in range(3))  # a generator: neither pickle nor dill takes it
+
+
+def test_decorated_methods_map_over_the_items_with_the_instance_bound():
+    scaler = Scaler(3)
+    assert scaler.scale([1, 2, 3]) == [3, 6, 9]  # process workers: the instance is pickled along
+    assert scaler.scale_in_threads([1, 2]) == [3, 6]
+    assert list(scaler.lazy([1, 2])) == [4, 5]
+    assert scaler.collected([1, 2], [10, 20]) == [13, 26]  # several iterables zip, as for functions
+    assert Scaler.scale([Scaler(2)], [5]) == [10]  # from the class: the instance is an argument
+    assert scaler.scale.__name__ == "scale" and scaler.scale([]) == []
+
+
+def test_static_and_class_methods():
+    assert Scaler.halve([2, 4]) == Scaler(1).halve([2, 4]) == [1.0, 2.0]  # nothing bound
+    assert Scaler.named([1]) == Scaler(1).named([1]) == ["Scaler:1"]  # the class bound
+    assert BigScaler.named([2]) == ["BigScaler:2"]
+
+
+def test_a_decorated_method_pickles_by_reference():
+    assert pickle.loads(pickle.dumps(Scaler.__dict__["scale"])) is Scaler.__dict__["scale"]
+
+
+def test_an_unpicklable_instance_is_a_clear_error_for_processes_and_fine_for_threads():
+    with pytest.raises(twat_mp.SerializationError, match=r"Scaler\.scale is a @pmap method: its instance travels "
+                                                         r"to the worker processes .* must be picklable"):
+        Unpicklable(2).scale([1, 2])
+    with pytest.raises(twat_mp.SerializationError, match="must be picklable"):
+        list(Unpicklable(2).lazy([1, 2]))
+    assert Unpicklable(2).scale_in_threads([1, 2]) == [2, 4]  # nothing is pickled for threads

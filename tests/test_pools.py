@@ -177,3 +177,39 @@ def test_imap_is_lazy_and_streams_an_infinite_generator():
 def test_spawn_start_method_works():
     with ProcessPool(nodes=1, start_method="spawn") as pool:
         assert pool.map(lambda x: x + 1, [1, 2]) == [2, 3]
+
+
+def test_a_pool_is_made_of_one_checked_spec():
+    def setup(*args):
+        pass
+
+    pool = ProcessPool(nodes=2, start_method="spawn", initializer=setup, initargs=[1, "a"])
+    assert (pool.spec.kind, pool.spec.nodes, pool.spec.start_method) == ("process", 2, "spawn")
+    assert pool.initializer is setup and pool.initargs == (1, "a") and pool.start_method == "spawn"
+    assert ThreadPool(nodes=3).spec.kind == "thread"
+    import pathos.pools
+
+    assert MultiPool(pool_class=pathos.pools.ThreadPool, nodes=1).spec.kind == "thread"
+    with pytest.raises(ValueError, match="pool_class must be a class"):
+        MultiPool(pool_class="thread")
+    with pytest.raises(ValueError, match="start_method applies to kind='process' only"):
+        ThreadPool(start_method="fork")
+
+
+def test_call_options_are_checked_on_the_call_naming_the_method():
+    with ThreadPool(nodes=1) as pool:
+        with pytest.raises(TypeError, match=r"ThreadPool\.map\(\) got unknown option\(s\) \['nodes'\]"):
+            pool.map(double, [1], nodes=3)
+        with pytest.raises(TypeError, match=r"ThreadPool\.starmap\(\) got unknown option\(s\) \['bogus'\]"):
+            pool.starmap(add, [(1, 2)], bogus=1)
+        for bad in (None, "", [], "no"):
+            with pytest.raises(ValueError, match="ordered must be True or False"):
+                pool.imap(double, [1], ordered=bad)
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            pool.map(double, [1], timeout=float("nan"))
+        with pytest.raises(TypeError, match=r"ThreadPool\.map\(\) maps over iterables .* argument 1 is 3 \(int\)"):
+            pool.map(double, 3)
+        with pytest.raises(TypeError, match=r"ThreadPool\.starmap\(\) maps over iterables"):
+            pool.starmap(add, None)
+        assert pool.map(double, [1, 2], chunksize=10**30) == [2, 4]  # past sys.maxsize: one chunk
+        assert pool.map(double, [1], timeout=float("inf"), retries=None) == [2]  # None: the pool's own

@@ -117,11 +117,15 @@ class MultiPool(PoolLifecycle):
         timeout: float | None = None,
         retries: int = 0,
         progress: bool | str = False,
+        start_method: str | None = None,
     ) -> None:
-        self._nodes = _options.check_nodes(nodes)
-        self._pool_class = pool_class
-        self.initializer = _options.check_initializer(initializer)
-        self.initargs = _options.check_initargs(initargs)
+        self._pool_class = _options.check_pool_class(pool_class)
+        kind = self.kind
+        if pool_class is not None and type(self) is MultiPool:  # 2.x style: the class chooses
+            kind = "thread" if "thread" in pool_class.__name__.lower() else "process"
+        #: What the pool is made of, checked here once; the engine takes its values from it.
+        self.spec = _options.PoolSpec(kind=kind, nodes=nodes, start_method=start_method,
+                                      initializer=initializer, initargs=initargs)
         self.options = _options.MapOptions(chunksize=chunksize, max_in_flight=max_in_flight, timeout=timeout,
                                            retries=retries, progress=progress)
         self._dispatcher: Dispatcher | None = None
@@ -132,7 +136,23 @@ class MultiPool(PoolLifecycle):
     @property
     def nodes(self) -> int:
         """The number of workers."""
-        return self._nodes
+        return self.spec.size
+
+    @property
+    def _nodes(self) -> int:
+        return self.spec.size
+
+    @property
+    def initializer(self) -> Callable[..., Any] | None:
+        return self.spec.initializer
+
+    @property
+    def initargs(self) -> tuple[Any, ...]:
+        return self.spec.args
+
+    @property
+    def start_method(self) -> str | None:
+        return self.spec.start_method
 
     def _make_dispatcher(self) -> Dispatcher:
         # Used directly (twat-mp 2.x style: ``MultiPool(pool_class=...)``), the pool's
@@ -191,6 +211,7 @@ class MultiPool(PoolLifecycle):
         dispatcher = self._engine()
         if not iterables:
             raise TypeError(f"{type(self).__name__}.{method}() needs at least one iterable")
+        check_iterables(f"{type(self).__name__}.{method}()", iterables)
         if len(iterables) == 1:
             source, mode = iterables[0], MODE_ONE
         else:
@@ -237,6 +258,7 @@ class MultiPool(PoolLifecycle):
 
     def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], **options: Any) -> list[Any]:
         """``[fn(*args) for args in iterable]``, computed by the workers."""
+        check_iterables(f"{type(self).__name__}.starmap()", (iterable,))
         batches = self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, method="starmap", **options)
         return list(itertools.chain.from_iterable(batches))
 
@@ -276,6 +298,17 @@ class MultiPool(PoolLifecycle):
         return f"<{type(self).__name__} nodes={self._nodes} {state}>"
 
 
+def check_iterables(where: str, iterables: tuple[Any, ...]) -> None:
+    """Refuse what cannot be iterated before any work starts, with a message that says
+    which argument it was (``iter`` of a generator or a list has no side effect)."""
+    for position, iterable in enumerate(iterables, 1):
+        try:
+            iter(iterable)
+        except TypeError:
+            raise TypeError(f"{where} maps over iterables (like builtin map); argument {position} is "
+                            f"{iterable!r:.80} ({type(iterable).__name__}), which is not iterable") from None
+
+
 def _closing_bar(results: Iterator[list[Any]], bar: Any) -> Iterator[list[Any]]:
     try:
         yield from results
@@ -301,8 +334,7 @@ class ProcessPool(MultiPool):
     kind = "process"
 
     def __init__(self, nodes: int | None = None, *, start_method: str | None = None, **options: Any) -> None:
-        self.start_method = _options.check_start_method(start_method)
-        super().__init__(nodes, **options)
+        super().__init__(nodes, start_method=start_method, **options)
 
     def _make_dispatcher(self) -> Dispatcher:
         from twat_mp._engine.process import ProcessDispatcher
