@@ -425,3 +425,26 @@ def test_a_warm_pool_in_use_is_never_closed():
     warm_pool("thread", 1, initargs=(np.full(1, -1),))  # one more: the bound closes the oldest idle pool
     assert not held.alive
     assert len(decorators._warm) <= decorators.MAX_WARM_POOLS
+
+
+@pytest.mark.timeout(120)
+def test_threads_calling_with_fresh_initargs_never_see_a_closed_or_wrong_pool():
+    errors: list[BaseException] = []
+
+    def caller(offset: int) -> None:
+        try:
+            for i in range(15):  # six threads, fresh arrays: far more pools than the bound
+                value = float(offset * 100 + i)
+                fn = pmap(kind="thread", nodes=1, initializer=_keep, initargs=(np.full(3, value),))(_middle)
+                assert fn(range(20)) == [value] * 20
+        except BaseException as exc:  # handed to the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(100)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors, errors[0]
+    assert len(decorators._warm) <= decorators.MAX_WARM_POOLS
