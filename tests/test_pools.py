@@ -194,6 +194,10 @@ def test_a_pool_is_made_of_one_checked_spec():
         MultiPool(pool_class="thread")
     with pytest.raises(ValueError, match="start_method applies to kind='process' only"):
         ThreadPool(start_method="fork")
+    with pytest.raises(TypeError, match=r"^ProcessPool\(\) got unknown option\(s\) \['bogus'\]; valid options are"):
+        ProcessPool(nodes=1, bogus=2)
+    with pytest.raises(TypeError, match=r"^ThreadPool\(\) got unknown option\(s\) \['processes'\]"):
+        ThreadPool(processes=2)
 
 
 def test_call_options_are_checked_on_the_call_naming_the_method():

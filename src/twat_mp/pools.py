@@ -118,7 +118,13 @@ class MultiPool(PoolLifecycle):
         retries: int = 0,
         progress: bool | str = False,
         start_method: str | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            valid = ["chunksize", "initargs", "initializer", "max_in_flight", "nodes", "pool_class", "progress",
+                     "retries", "timeout"] + (["start_method"] if self.kind == "process" else [])
+            raise TypeError(f"{type(self).__name__}() got unknown option(s) {sorted(unknown)}; "
+                            f"valid options are {sorted(valid)}")
         self._pool_class = _options.check_pool_class(pool_class)
         kind = self.kind
         if pool_class is not None and type(self) is MultiPool:  # 2.x style: the class chooses
