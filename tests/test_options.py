@@ -276,8 +276,6 @@ def test_hostile_inputs_to_a_decorated_call(inputs, mapped):
        value=HOSTILE)
 def test_hostile_async_options_fail_at_construction(name, value):
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    if name == "processes" and is_int and value > max_workers():
-        return  # see test_async_pool_size_beyond_the_machine_is_refused
     valid = {"processes": value is None or (is_int and 0 < value <= max_workers()),
              "childconcurrency": is_int and value > 0,
              "maxtasksperchild": is_int and value >= 0,
@@ -293,7 +291,6 @@ def test_hostile_async_options_fail_at_construction(name, value):
     assert valid, f"{name}={value!r} accepted"
 
 
-@pytest.mark.xfail(strict=True, reason="aio.py checks processes with check_positive_int, not _options.check_nodes")
 def test_async_pool_size_beyond_the_machine_is_refused():
     with pytest.raises(ValueError, match="processes"):
         AsyncMultiPool(processes=10**9)

@@ -69,7 +69,7 @@ class AsyncMultiPool(PoolLifecycle):
                  initargs: Sequence[Any] = (), maxtasksperchild: int = 0, childconcurrency: int = 16,
                  queuecount: int | None = None, *, chunksize: int | None = None, timeout: float | None = None,
                  retries: int = 0, progress: bool | str = False, start_method: str | None = None) -> None:
-        self.processes = _options.check_positive_int("processes", processes) or _options.cpu_count()
+        self.processes = _options.check_nodes(processes, "processes")
         self.childconcurrency: int = _options.check_positive_int(  # type: ignore[assignment]
             "childconcurrency", childconcurrency, allow_none=False)
         if isinstance(maxtasksperchild, bool) or not isinstance(maxtasksperchild, int) or maxtasksperchild < 0:
@@ -331,7 +331,7 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
     first use, shared by every event loop and thread, and stopped at interpreter exit or
     by ``shutdown_warm_pools()``.
     """
-    _options.check_positive_int("processes", processes)
+    _options.check_nodes(processes, "processes")
     _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
     options = _options.MapOptions(chunksize=chunksize, timeout=timeout, retries=retries, progress=progress,
                                   decorator=True)

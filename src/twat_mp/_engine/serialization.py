@@ -176,13 +176,14 @@ def release(payload: bytes | memoryview | None) -> None:
         shm.unlink(shm.segments_of(payload))
 
 
-def find_unpicklable(items: list[Any]) -> str:
-    """Name the first item of a batch that cannot be pickled, for an error message."""
-    for item in items:
+def find_unpicklable(items: list[Any], what: str = "item") -> str:
+    """Name the first value of a batch that cannot be pickled, for an error message:
+    ``what`` is the noun for it ("item" for inputs, "result" for results)."""
+    for index, item in enumerate(items):
         try:
             _dumps_by_value(item)
         except Exception as exc:
-            return f"the item {_describe(item)}: {exc}"
+            return f"the {what} {_describe(item)} (number {index} of its chunk): {exc}"
     return "the batch"
 
 

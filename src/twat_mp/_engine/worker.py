@@ -148,7 +148,7 @@ def encode_result(result: ChunkResult, shm_prefix: str | None) -> bytes:
     try:
         payload, _ = dumps(result, "results", shm_prefix)
     except Exception:
-        where = find_unpicklable(result.results)
+        where = find_unpicklable(result.results, "result")
         payload = dumps(ChunkResult([], stage_error(Stage.RESULT, f"a result cannot be pickled: {where}"),
                                     result.worker_id, result.pid, result.elapsed))[0]
     return payload
