@@ -1,0 +1,113 @@
+"""Many independent calls in one chunk, each with its own outcome.
+
+A map stops a chunk at its first error; a batch of calls does not: each call's result or
+exception comes back on its own, so one failing call fails only itself. This is how a
+task graph sends the tasks that became ready together to a pool as a few chunks instead
+of one round trip per task.
+
+::
+
+    caller                          worker (sync, thread or async)
+    ──────                          ──────────────────────────────
+    submit_calls(calls) ─ chunk ─▶  run_call(fn, args, kwargs) per item (MODE_STAR)
+         ▲                          → (True, value) | (False, error)
+         └─ finish(chunk, outcome) ◀ one ChunkResult for the whole batch
+
+A process worker sends an error as a ``RemoteError`` (the exception's pickle and the
+remote traceback); a thread worker keeps the exception object itself. A worker that
+dies, or a call past its ``timeout``, fails every call of the chunk it held (send calls
+with a timeout one per chunk to keep that to one), and ``retries`` re-runs the chunk.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+from twat_mp._engine.dispatcher import Chunk, Dispatcher
+from twat_mp._engine.jobs import decode, encode, item_error, make_fnref
+from twat_mp._engine.protocol import MODE_STAR, RemoteError, Stage
+from twat_mp._engine.serialization import release
+
+#: One call's outcome: ``(True, value)`` or ``(False, exception)``.
+Outcome = tuple[bool, Any]
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+def run_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+    """Run one call of a batch in a thread worker; its exception is its outcome."""
+    try:
+        return True, fn(*args, **kwargs)
+    except Exception as exc:
+        return False, exc
+
+
+def run_call_remote(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+    """Run one call of a batch in a process worker; an exception travels as a RemoteError."""
+    try:
+        return True, fn(*args, **kwargs)
+    except Exception as exc:
+        return False, RemoteError.capture(exc)
+
+
+async def run_call_async(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+    """Run one call of a batch in an async worker, awaiting it if it is a coroutine."""
+    try:
+        value = fn(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        return True, value
+    except Exception as exc:
+        return False, RemoteError.capture(exc)
+
+
+def _runner(dispatcher: Dispatcher) -> Callable[..., Any]:
+    if not dispatcher.ships_bytes:
+        return run_call
+    return run_call_async if dispatcher.concurrency else run_call_remote
+
+
+def submit_calls(dispatcher: Dispatcher, calls: Sequence[Call],
+                 done: Callable[[list[Outcome] | BaseException, float], None],
+                 post: Callable[[Callable[[], None]], None], *, timeout: float | None = None,
+                 retries: int = 0) -> Chunk:
+    """Run ``calls`` as one chunk. When it is back, ``post`` is handed a function (on the
+    engine's manager thread: ``post`` must only queue it, e.g. for an event loop or a
+    completions thread) that unpickles the outcome and calls ``done(outcomes, seconds)``: one outcome per
+    call, in order, and the seconds the worker spent on them; or ``done(exception, 0)``
+    when the whole chunk failed (a dead worker, a timeout, a pickling error). Raises
+    ``SerializationError`` at once when an argument cannot be pickled."""
+    chunk = Chunk(make_fnref(dispatcher, _runner(dispatcher), MODE_STAR), list(calls),
+                  lambda c, outcome: post(lambda: _finish(dispatcher, c, outcome, done)),
+                  timeout=timeout, retries=retries)
+    encode(dispatcher, chunk)
+    dispatcher.submit(chunk)
+    return chunk
+
+
+def _finish(dispatcher: Dispatcher, chunk: Chunk, outcome: Any,
+            done: Callable[[list[Outcome] | BaseException, float], None]) -> None:
+    release(chunk.payload)
+    if chunk.cancelled:
+        if isinstance(outcome, (bytes, memoryview)):
+            release(outcome)
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result = decode(outcome)
+        if result.error is not None:
+            if result.error.stage is Stage.LOAD and not chunk.used_dill:  # by reference, not loadable there
+                encode(dispatcher, chunk, force_dill=True)
+                dispatcher.submit(chunk)
+                return
+            raise item_error(chunk, result)
+        outcomes: list[Outcome] = []
+        for (_, args, _), (ok, value) in zip(chunk.items, result.results):
+            if not ok and isinstance(value, RemoteError):
+                value = value.to_exception(args, result.worker_id, result.pid)
+            outcomes.append((ok, value))
+    except BaseException as exc:
+        done(exc, 0.0)
+    else:
+        done(outcomes, result.elapsed)
