@@ -16,7 +16,10 @@ from typing import Any
 __all__ = [
     "BrokenPoolError",
     "InitializerError",
+    "NodeExecutionError",
+    "OpError",
     "PoolClosedError",
+    "RuntimeClosedError",
     "SerializationError",
     "TaskTimeoutError",
     "TwatMPError",
@@ -368,3 +371,49 @@ class InitializerError(TwatMPError, RuntimeError):
     def __setstate__(self, state: dict[str, Any] | None) -> None:
         super().__setstate__(state)
         self.__cause__ = self.__dict__.get("exception")
+
+
+class OpError(TwatMPError):
+    """A task of a graph could not run because an op it depends on failed.
+
+    ``op`` names the op that raised, ``inputs`` shows its arguments (abbreviated) and
+    ``chain`` lists the ops from the one that failed to the one whose result was asked
+    for. ``__cause__`` (and ``exception``) is the original exception. A ref of the op
+    that raised gives that exception itself; only its dependents give an ``OpError``.
+    """
+
+    def __init__(self, op: str, inputs: str, chain: list[str], exception: BaseException | None) -> None:
+        self.op = op
+        self.inputs = inputs
+        self.chain = list(chain)
+        self.exception = exception
+        what = f"{type(exception).__name__}: {exception}" if exception is not None else "failed"
+        super().__init__(f"op {op!r} failed on {inputs} ({what}); so did what depends on it: "
+                         f"{' -> '.join(self.chain)}")
+        self.__cause__ = exception
+
+    def __reduce__(self) -> Any:
+        return (OpError, (self.op, self.inputs, self.chain, self.exception))
+
+
+class NodeExecutionError(TwatMPError):
+    """A node of a pipeline raised. ``node`` names it, ``completed`` lists the nodes
+    that finished before it (in order), and ``__cause__`` (and ``exception``) is the
+    node's own exception."""
+
+    def __init__(self, node: str, completed: list[str], exception: BaseException | None) -> None:
+        self.node = node
+        self.completed = list(completed)
+        self.exception = exception
+        what = f"{type(exception).__name__}: {exception}" if exception is not None else "failed"
+        done = ", ".join(self.completed) if self.completed else "none"
+        super().__init__(f"node {node!r} failed ({what}); nodes that finished before it: {done}")
+        self.__cause__ = exception
+
+    def __reduce__(self) -> Any:
+        return (NodeExecutionError, (self.node, self.completed, self.exception))
+
+
+class RuntimeClosedError(TwatMPError, RuntimeError):
+    """A graph was used after its runtime shut down (``twat_mp.shutdown()``, or a
+    ``with Runtime()`` block that ended)."""

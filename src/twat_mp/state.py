@@ -73,6 +73,11 @@ def in_worker() -> bool:
     return getattr(_local, "info", None) is not None or _ProcessSlot.info is not None
 
 
+def in_process_worker() -> bool:
+    """True in a worker process of a process or async pool (in any of its threads)."""
+    return _ProcessSlot.info is not None
+
+
 def enter_process_worker(worker_id: int, kind: str = "process") -> None:
     _ProcessSlot.info = WorkerInfo(kind, worker_id, os.getpid())
     _ProcessSlot.state = {}
