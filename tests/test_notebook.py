@@ -454,3 +454,71 @@ def test_an_exception_class_defined_in_a_cell_is_caught_by_its_own_name(kernel_n
     run = run_notebook(ERROR_CLASS_CELLS, kernel_name, tmp_path)
     assert run.results["caught"] == {"code": 7, "both": True, "args": ["code 7"]}
     assert_nothing_left(run)
+
+
+# -- task graphs: refs without await, in cells whose own loop is running ----------------
+
+GRAPH_CELLS = [
+    cell("""
+        import asyncio, os
+        from twat_mp import OpError, get, op, shutdown
+
+        @op(kind="process")
+        def square(x):
+            return x * x
+
+        @op
+        async def slow_plus(x, y):
+            await asyncio.sleep(0.01)
+            return x + y
+
+        @op(kind="inline")
+        def collect(*parts):
+            return list(parts)
+
+        class CellError(Exception):
+            pass
+
+        @op(kind="process")
+        def fails(x):
+            raise CellError(f"cell {x}")
+
+        @op(kind="process")
+        def pid(_):
+            return os.getpid()
+    """),
+    cell("""
+        refs = [slow_plus.go(square.go(i), 1) for i in range(5)]
+        emit(sync=collect.go(*refs).result(timeout=60), graph_pids=get([pid.go(i) for i in range(4)]))
+    """),
+    cell("""
+        emit(awaited=await collect.go(*[square.go(i) for i in range(3)]))
+    """),
+    cell("""
+        try:
+            collect.go(fails.go(1)).result(timeout=60)
+        except OpError as exc:
+            emit(op=exc.op, chain=exc.chain, caught_cell_error=isinstance(exc.__cause__, CellError))
+        try:
+            fails.go(2).result(timeout=60)
+        except CellError as exc:
+            emit(own=str(exc))
+    """),
+    cell("""
+        shutdown()
+        emit(after_shutdown=square.go(7).result(timeout=60))
+        shutdown()
+    """),
+]
+
+
+def test_refs_in_notebook_cells_without_await(kernel_name, tmp_path):
+    run = run_notebook(GRAPH_CELLS, kernel_name, tmp_path)
+    result = run.results
+    assert result["sync"] == [1, 2, 5, 10, 17]
+    assert result["awaited"] == [0, 1, 4]
+    assert result["op"] == "fails" and result["chain"] == ["fails", "collect"] and result["caught_cell_error"]
+    assert result["own"].startswith("cell 2")
+    assert result["after_shutdown"] == 49
+    assert run.kernel_pid not in result["graph_pids"]
+    assert_nothing_left(run)

@@ -823,8 +823,14 @@ class Runtime:
             for ref in refs:
                 self._fail(ref, outcome)
             return
+        each = elapsed / len(refs) if refs else 0.0
         if refs:
-            self._item_seconds[id(refs[0]._op.fn)] = elapsed / len(refs)
+            self._item_seconds[id(refs[0]._op.fn)] = each
+        if profiling.active:  # a batch is timed as a whole: give each task its share
+            now = time.perf_counter()
+            for ref in refs:
+                if ref._times is not None and len(ref._times) >= 3:
+                    ref._times[2] = max(ref._times[1], now - each)
         for ref, (ok, value) in zip(refs, outcome):
             if ok:
                 self._complete(ref, value)
@@ -950,12 +956,21 @@ class Runtime:
             if _default is self:
                 _default = None
         if not self._loop.is_closed() and self._thread.is_alive():
-            try:
-                self.call_on_loop(self._stop_on_loop)
-            except RuntimeError:  # the loop stopped meanwhile (interpreter exit)
-                pass
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if threading.current_thread() is not self._thread:
+            # Bounded: an inline op stuck on the loop thread must not hang shutdown (or exit).
+            stopped = threading.Event()
+
+            def stop() -> None:
+                try:
+                    self._stop_on_loop()
+                finally:
+                    stopped.set()
+                    self._loop.stop()
+
+            if threading.get_ident() == self._loop_ident:
+                stop()
+            else:
+                self._post(stop)
+                stopped.wait(5.0 if wait else 1.0)
                 self._thread.join(5.0 if wait else 0.5)
         self._fail_watched()
         for pool in self._pools.values():

@@ -105,7 +105,7 @@ def _finish(dispatcher: Dispatcher, chunk: Chunk, outcome: Any,
         outcomes: list[Outcome] = []
         for (_, args, _), (ok, value) in zip(chunk.items, result.results):
             if not ok and isinstance(value, RemoteError):
-                value = value.to_exception(args, result.worker_id, result.pid)
+                value = value.to_exception(args, result.worker_id, result.pid, decorator=True)
             outcomes.append((ok, value))
     except BaseException as exc:
         done(exc, 0.0)
