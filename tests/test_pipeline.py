@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twat_mp.errors import NodeExecutionError, TwatMPError
+from twat_mp.graph import op
 from twat_mp.pipeline import Context, ExecutionMetadata, Node, arun, node, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -530,3 +531,34 @@ def test_a_refused_coroutine_is_closed_not_left_unawaited(monkeypatch, recwarn):
     assert ctx.pending == ["double"]  # never started: still queued
     gc.collect()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+@op(kind="process")
+def _score(word):
+    return sum(map(ord, word))
+
+
+@op(kind="thread")
+def _length(word):
+    return len(word)
+
+
+def test_nodes_fan_out_to_graph_ops_and_fail_with_their_errors():
+    @node
+    async def fan_out(ctx):
+        refs = [_score.go(w) for w in ctx["words"]]
+        ctx["scores"] = [await r for r in refs]
+        ctx["lengths"] = [await r for r in [_length.go(w) for w in ctx["words"]]]
+        return ctx
+
+    @node
+    async def fails(ctx):
+        await _score.go(42)  # sum(map(ord, 42)) raises TypeError in the worker
+        return ctx
+
+    ctx = fan_out(Context(words=["a", "bc"]))
+    assert ctx["scores"] == [97, 197] and ctx["lengths"] == [1, 2]
+    with pytest.raises(NodeExecutionError) as caught:
+        fails(fan_out(Context(words=["x"]))).run()
+    assert caught.value.node == "fails" and caught.value.completed == ["fan_out"]
+    assert isinstance(caught.value.__cause__, TypeError)
