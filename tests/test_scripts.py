@@ -354,3 +354,70 @@ def test_readme_block_runs_as_written(code, tmp_path):
     assert out.returncode == 0, f"stdout:\n{out.stdout[-2000:]}\nstderr:\n{out.stderr[-3000:]}"
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stdout.strip(), "the block printed nothing"
+
+
+# -- (e) task graphs in a __main__ script: ops, exceptions and methods of the script -----
+GRAPH_SCRIPT = textwrap.dedent("""
+    import asyncio, os
+    from twat_mp import OpError, Runtime, get, op
+
+    class ScriptError(Exception):
+        pass
+
+    @op(kind="process")
+    def square(x):
+        if x < 0:
+            raise ScriptError(f"negative {x}")
+        return x * x
+
+    @op
+    async def plus(a, b):
+        await asyncio.sleep(0)
+        return a + b
+
+    class Scaler:
+        def __init__(self, k):
+            self.k = k
+
+        @op(kind="process")
+        def scale(self, x):
+            return self.k * x
+
+    lam = op(kind="process")(lambda x: x - 1)
+
+    def main():
+        refs = [plus.go(square.go(i), 1) for i in range(4)]
+        print("graph", get(refs))
+        print("method", Scaler(3).scale.go(square.go(2)).result())
+        print("lambda", lam.go(10).result())
+        try:
+            square.go(-1).result()
+        except ScriptError as exc:
+            print("own", repr(str(exc)))
+        try:
+            plus.go(square.go(-2), 1).result()
+        except OpError as exc:
+            print("chain", exc.chain)
+            print("cause_is_script_error", isinstance(exc.__cause__, ScriptError))
+        async def in_async():
+            return await plus.go(square.go(5), 0)
+        print("awaited", asyncio.run(in_async()))
+        square.go(-3)  # exit right after submitting a failing task: no hang, no noise
+
+    if __name__ == "__main__":
+        with Runtime(start_method=START):
+            main()
+""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn", "fork"])
+def test_task_graphs_in_a_main_script(tmp_path, start_method):
+    script = tmp_path / "graph_script.py"
+    script.write_text(GRAPH_SCRIPT.replace("START", repr(start_method)))
+    out = run_python([str(script)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert printed(out.stdout) == {
+        "graph": [1, 2, 5, 10], "method": 12, "lambda": 9, "own": "negative -1",
+        "chain": ["square", "plus"], "cause_is_script_error": True, "awaited": 25}
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -115,6 +115,12 @@ class Op:
         task runs once they are done, with their values in their place."""
         return current_runtime().submit(self, args, kwargs)
 
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        """An op defined in a class body binds like a method: ``obj.method.go(x)``."""
+        if instance is None:
+            return self
+        return _BoundOp(self, instance)
+
     def options(self, **changes: Any) -> Op:
         """A copy of this op with some options changed: ``f.options(kind="process").go(x)``."""
         settings: dict[str, Any] = {"kind": self.kind, "name": self.name, "retries": self.retries,
@@ -141,6 +147,23 @@ class Op:
 
     def __repr__(self) -> str:
         return f"<op {self.name} kind={self.kind}>"
+
+
+class _BoundOp:
+    """An op looked up on an instance: calls and tasks get the instance first."""
+
+    def __init__(self, fn: Op, instance: Any) -> None:
+        self.op = fn
+        self.instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.op.fn(self.instance, *args, **kwargs)
+
+    def go(self, *args: Any, **kwargs: Any) -> ObjectRef:
+        return current_runtime().submit(self.op, (self.instance, *args), kwargs)
+
+    def __repr__(self) -> str:
+        return f"<bound op {self.op.name} of {self.instance!r}>"
 
 
 def _name_of(fn: Any) -> str:
@@ -462,6 +485,8 @@ class Runtime:
         nodes: the size of each process pool (default: the CPUs this process may use).
         threads: the size of the thread pool (default: ``min(32, CPUs + 4)``).
         concurrency: calls each async worker process runs at once (``async-process``).
+        start_method: how worker processes start ("forkserver", the default on Linux,
+            "spawn" or "fork"), as for ``ProcessPool``.
         name: shown in thread names and reprs.
 
     >>> from twat_mp import Runtime, op
@@ -476,8 +501,9 @@ class Runtime:
     _names = itertools.count(1)
 
     def __init__(self, *, nodes: int | None = None, threads: int | None = None, concurrency: int = 16,
-                 name: str | None = None) -> None:
+                 start_method: str | None = None, name: str | None = None) -> None:
         self.nodes = _options.check_nodes(nodes, "nodes")
+        self.start_method = _options.check_start_method(start_method)
         cpus = _options.cpu_count()
         self.threads = _options.check_nodes(threads if threads is not None else min(32, cpus + 4),
                                             "threads", "thread")
@@ -848,11 +874,12 @@ class Runtime:
             elif kind == "process":
                 from twat_mp.pools import ProcessPool
 
-                pool = ProcessPool(nodes or self.nodes)._open()
+                pool = ProcessPool(nodes or self.nodes, start_method=self.start_method)._open()
             else:
                 from twat_mp.aio import AsyncMultiPool
 
-                pool = AsyncMultiPool(nodes or self.nodes, childconcurrency=self.concurrency).start()
+                pool = AsyncMultiPool(nodes or self.nodes, childconcurrency=self.concurrency,
+                                      start_method=self.start_method).start()
             self._pools[key] = pool
         dispatcher = pool._engine()
         return dispatcher, dispatcher.nodes
