@@ -102,10 +102,25 @@ def test_every_error_derives_from_twatmperror_and_keeps_its_builtin_base():
     assert issubclass(BrokenPoolError, TwatMPError) and issubclass(BrokenPoolError, RuntimeError)
     assert issubclass(InitializerError, TwatMPError) and issubclass(InitializerError, RuntimeError)
     import twat_mp.errors
+    from twat_mp.errors import NodeExecutionError, OpError, RuntimeClosedError
 
+    assert issubclass(OpError, TwatMPError) and issubclass(NodeExecutionError, TwatMPError)
+    assert issubclass(RuntimeClosedError, TwatMPError) and issubclass(RuntimeClosedError, RuntimeError)
     assert set(twat_mp.errors.__all__) == {
         "BrokenPoolError", "InitializerError", "PoolClosedError", "SerializationError", "TaskTimeoutError",
-        "TwatMPError", "WorkerCrashedError", "WorkerError"}
+        "TwatMPError", "WorkerCrashedError", "WorkerError", "OpError", "NodeExecutionError", "RuntimeClosedError"}
+
+
+def test_graph_errors_pickle_with_their_fields():
+    import pickle
+
+    from twat_mp.errors import NodeExecutionError, OpError
+
+    error = pickle.loads(pickle.dumps(OpError("parse", "('x')", ["parse", "join"], ValueError("x"))))
+    assert (error.op, error.inputs, error.chain) == ("parse", "('x')", ["parse", "join"])
+    assert isinstance(error.__cause__, ValueError) and "parse -> join" in str(error)
+    node_error = pickle.loads(pickle.dumps(NodeExecutionError("b", ["a"], KeyError("k"))))
+    assert node_error.node == "b" and node_error.completed == ["a"] and isinstance(node_error.__cause__, KeyError)
 
 
 def test_broken_pool_error_names_why():
