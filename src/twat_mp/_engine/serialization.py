@@ -11,8 +11,10 @@ code object and re-used only while a fingerprint of everything it captured is un
 
 Items and results ship in batches with the C pickle (protocol 5) and fall back to dill
 only for a batch that pickle refuses. Buffers of 1 MiB or more (numpy arrays, CPU
-torch tensors of any dtype) go through shared memory (see ``shm``). The receiving side
-always uses ``pickle.loads``: dill writes standard pickle opcodes.
+torch tensors of any dtype) go through shared memory (see ``shm``): written to a new
+segment, or, when they lie in a segment this process holds (a kept result, ``share``),
+sent as a reference to it. The receiving side always uses ``pickle.loads``: dill writes
+standard pickle opcodes.
 """
 
 from __future__ import annotations
@@ -104,11 +106,15 @@ def _dispatch_table() -> dict[Any, Any]:
 
 
 # -- items and results --------------------------------------------------------------------
-def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None) -> tuple[bytes, bool]:
+def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None, *,
+          by_reference: bool = True) -> tuple[bytes, bool]:
     """Pickle ``obj``; return ``(payload, used_dill)``. With ``shm_prefix``, large buffers
     go to shared-memory segments named under it, or through the pipe when a segment
-    cannot be made. Raise SerializationError naming ``what`` and the reason when
-    neither pickle nor dill can do it."""
+    cannot be made; a buffer that lies in a segment this process holds (unwritten since)
+    is sent by reference to it instead, unless ``by_reference`` is false. A payload with
+    segments must be passed to ``release`` once the receiver is done with it. Raise
+    SerializationError naming ``what`` and the reason when neither pickle nor dill can
+    do it."""
     segments: list[shm.Segment] = []
     refused: list[OSError] = []
 
@@ -117,7 +123,13 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None) -> tupl
             view = buffer.raw()
         except BufferError:  # not contiguous: pickle copies it in-band
             return True
-        if view.nbytes < shm.THRESHOLD or refused:
+        if view.nbytes < shm.THRESHOLD:
+            return True
+        held = shm.reference(view) if by_reference else None
+        if held is not None:  # already in shared memory: nothing to write
+            segments.append(held)
+            return False
+        if refused:
             return True
         assert shm_prefix is not None
         try:
@@ -136,13 +148,13 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None) -> tupl
         pickler.dump(obj)
         data = stream.getvalue()
     except _PICKLE_REFUSED:
-        shm.unlink(segments)
+        shm.release(segments)
         return dumps_dill(obj, what), True
     except Exception as exc:  # a __reduce__ or __getstate__ failed: dill would only call it again
-        shm.unlink(segments)
+        shm.release(segments)
         raise SerializationError(f"cannot pickle {what} {_describe(obj)}: {exc!r}") from exc
     except BaseException:
-        shm.unlink(segments)
+        shm.release(segments)
         raise
     if refused:
         from twat_mp._logging import logger
@@ -161,19 +173,36 @@ def dumps_dill(obj: Any, what: str = "object") -> bytes:
         raise SerializationError(f"cannot pickle {what} {_describe(obj)}: {exc}") from exc
 
 
-def loads(payload: bytes | memoryview, *, unlink: bool = False) -> Any:
-    """Unpickle a payload; ``unlink`` removes its shared-memory segments once mapped
-    (the mappings stay valid)."""
+def loads(payload: bytes | memoryview, *, unlink: bool = False, keep: bool = False) -> Any:
+    """Unpickle a payload. For the segments the payload owns (a result), ``unlink``
+    removes them once mapped (the mappings stay valid); ``keep`` makes this process
+    hold them instead: they stay linked while an object unpickled from them lives, so
+    sending it on (``dumps``) refers to them rather than writing them anew."""
     if bytes(payload[:1]) == shm.MARK:
-        data, buffers = shm.unwrap(payload, unlink_after=unlink)
+        data, buffers = shm.unwrap(payload, unlink_after=unlink, keep=keep)
         return pickle.loads(data, buffers=buffers)
     return pickle.loads(payload)
 
 
 def release(payload: bytes | memoryview | None) -> None:
-    """Unlink the shared-memory segments of a payload that will not be unpickled."""
+    """Release the shared memory of a payload once the receiver is done with it (or it
+    will not be unpickled): unlink the segments it owns, unpin those it refers to."""
     if payload is not None:
-        shm.unlink(shm.segments_of(payload))
+        shm.release(shm.segments_of(payload))
+
+
+def share(obj: Any) -> Any:
+    """An equal copy of ``obj`` whose buffers of ``shm.THRESHOLD`` bytes or more live in
+    shared-memory segments this process holds, so that sending it to workers later
+    (a task's items, any ``dumps`` with a prefix) refers to them instead of copying:
+    the hook for placing a value once and using it in many tasks. The segments are
+    unlinked when the last object on them is collected (or this process exits; if it
+    is killed, the next engine start sweeps them). ``obj`` itself is returned when it
+    has no such buffer, or when shared memory is unavailable or full."""
+    payload, _ = dumps(obj, "value", f"{shm.SHM_DIR}/{shm.own_name()}", by_reference=False)
+    if bytes(payload[:1]) != shm.MARK:
+        return obj
+    return loads(payload, keep=True)
 
 
 def find_unpicklable(items: list[Any], what: str = "item") -> str:

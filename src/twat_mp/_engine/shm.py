@@ -12,21 +12,46 @@ the buffer goes through the pipe instead. A segment's space is reserved before i
 written (``posix_fallocate``), so a full tmpfs is an error at creation, never a SIGBUS
 in the process that maps it.
 
+Names: ``twat-mp-<pid>-<pid namespace>-<8 hex digits>-...``, where the pid is the
+process that answers for the segment (the one that unlinks it): the caller that made
+the dispatcher (for its tasks and its workers' results in flight) or the process that
+holds a kept segment. A segment is written once and never changes afterwards: every
+mapping of it is private.
+
+Held segments: a process can keep a segment instead of unlinking it (``loads(...,
+keep=True)``, ``serialization.share``): it is renamed to the process's own name
+(``own_name``), mapped, and registered; the objects unpickled from it hold the
+mapping, and when the last of them is collected a ``weakref.finalize`` on the mapping
+unlinks the segment. While a held segment is alive, a buffer that lies inside it and
+that this process has not written to (``/proc/self/pagemap`` tells: a page written
+through a private mapping is no longer the file's page) is sent by reference: path,
+offset and length travel, nothing is written (``reference``). The receiver maps it
+copy-on-write as any segment and never unlinks it; the payload pins the mapping (so the
+segment) until the sender releases the payload. Where pagemap cannot tell (not Linux, a
+sandbox), such a buffer is written to a new segment, as any other.
+
 Who releases a segment:
 - segments of a task belong to the caller, who unlinks them once the chunk is done;
-- segments of a result are unlinked by the caller as it unpickles (or discards) them;
-- every segment name starts with the dispatcher's prefix, and a stopping dispatcher
-  removes whatever is left under it (a worker killed mid-send, Ctrl-C).
+  a task's references to held segments are only unpinned then (``release``);
+- segments of a result are unlinked by the caller as it unpickles (or discards) them,
+  or kept (``keep=True``): then the last object on them unlinks them;
+- a dispatcher's segments are named under its prefix, and a stopping dispatcher
+  removes whatever is left under it (a worker killed mid-send, Ctrl-C);
+- segments whose process died without unlinking them (SIGKILL) are removed by the
+  next process of this namespace that starts a dispatcher (``sweep_dead``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import glob
 import itertools
 import mmap
 import os
 import pickle
+import re
+import weakref
 from typing import Any, NamedTuple
 
 THRESHOLD = 1 << 20  # 1 MiB
@@ -35,10 +60,20 @@ MARK = b"S"  # first byte of a payload whose buffers live in segments
 
 _counter = itertools.count()
 
+#: Bytes this process wrote into segments and sent by reference (for tests and debugging).
+bytes_written = 0
+bytes_referenced = 0
+
 
 class Segment(NamedTuple):
+    """A buffer in a segment: ``size`` bytes at ``offset``. ``pin`` is empty when the
+    payload owns the segment (its releaser unlinks it), and names the sender's pin when
+    the payload only refers to a segment the sender holds (never unlinked through it)."""
+
     path: str
     size: int
+    offset: int = 0
+    pin: str = ""
 
 
 def available() -> bool:
@@ -63,13 +98,84 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# -- names and owners ----------------------------------------------------------------------
+_NAME = re.compile(r"twat-mp-(\d+)-(\d+)-[0-9a-f]{8}(?:-|$)")
+
+
+def _namespace() -> int:
+    """This process's pid namespace (0 when unknown): a pid means a process only in it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+_own: dict[int, str] = {}  # pid → this process's own name (a forked child makes its own)
+
+
+def own_name() -> str:
+    """The name under which this process holds segments (the first call per process
+    sweeps the segments of dead processes)."""
+    pid = os.getpid()
+    name = _own.get(pid)
+    if name is None:
+        sweep_dead()
+        name = _own[pid] = f"twat-mp-{pid}-{_namespace()}-{os.urandom(4).hex()}"
+    return name
+
+
 def new_prefix() -> str:
-    return f"{SHM_DIR}/twat-mp-{os.getpid()}-{os.urandom(4).hex()}"
+    """A dispatcher's prefix, owned by this process."""
+    own_name()  # the engine starts here: sweep what dead processes left behind
+    return f"{SHM_DIR}/twat-mp-{os.getpid()}-{_namespace()}-{os.urandom(4).hex()}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process, alive
+        return True
+    return True
+
+
+def sweep_dead() -> list[str]:
+    """Unlink the segments under ``SHM_DIR`` whose process is dead; return their paths.
+    Only names of our pattern and of this pid namespace are considered (a pid of another
+    namespace means nothing here; with the namespace unknown nothing is swept), and a
+    pid that exists keeps its segments (even if reused: they go once it is gone)."""
+    namespace = _namespace()
+    if not namespace:
+        return []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    verdicts: dict[int, bool] = {os.getpid(): True}
+    swept = []
+    for name in names:
+        match = _NAME.match(name)
+        if match is None or int(match[2]) != namespace:
+            continue
+        pid = int(match[1])
+        if pid not in verdicts:
+            verdicts[pid] = _alive(pid)
+        if not verdicts[pid]:
+            path = f"{SHM_DIR}/{name}"
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+            swept.append(path)
+    return swept
+
+
+# -- writing, mapping, releasing ------------------------------------------------------------
 def write_segment(prefix: str, view: memoryview) -> Segment:
     """Copy ``view`` into a new segment. Raise OSError (nothing left behind) when the
     segment cannot be created or its space cannot be reserved."""
+    global bytes_written
     path = f"{prefix}-{os.getpid()}-{next(_counter)}"
     data = view.cast("B")
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -87,21 +193,30 @@ def write_segment(prefix: str, view: memoryview) -> Segment:
         raise
     finally:
         os.close(fd)
+    bytes_written += data.nbytes
     return Segment(path, data.nbytes)
 
 
-def map_segment(segment: Segment) -> memoryview:
-    fd = os.open(segment.path, os.O_RDONLY)
+def _map(path: str, length: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        mapping = mmap.mmap(fd, segment.size, flags=mmap.MAP_PRIVATE,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    return memoryview(mapping)
 
 
-def unlink(segments: list[Segment]) -> None:
+def map_segment(segment: Segment) -> memoryview:
+    """The segment's buffer, mapped copy-on-write."""
+    view = memoryview(_map(segment.path, segment.offset + segment.size))
+    return view[segment.offset:] if segment.offset else view
+
+
+def release(segments: list[Segment]) -> None:
+    """Release a payload's segments: unlink those it owns, unpin those it refers to."""
     for segment in segments:
+        if segment.pin:
+            _pins.pop(segment.pin, None)
+            continue
         try:
             os.unlink(segment.path)
         except FileNotFoundError:
@@ -129,11 +244,157 @@ def wrap(segments: list[Segment], data: bytes) -> bytes:
     return MARK + pickle.dumps(([tuple(s) for s in segments], data), pickle.HIGHEST_PROTOCOL)
 
 
-def unwrap(payload: bytes | memoryview, *, unlink_after: bool) -> tuple[Any, list[memoryview]]:
+def unwrap(payload: bytes | memoryview, *, unlink_after: bool = False,
+           keep: bool = False) -> tuple[Any, list[memoryview]]:
+    """The pickle and its buffers, mapped. ``unlink_after`` unlinks the segments the
+    payload owns once mapped; ``keep`` holds them instead (``hold``). Segments the
+    payload only refers to are mapped, never unlinked or held."""
     segments, data = pickle.loads(payload[1:])
     segments = [Segment(*s) for s in segments]
+    buffers: list[memoryview] = []
     try:
-        return data, [map_segment(s) for s in segments]
+        for segment in segments:
+            buffers.append(hold(segment) if keep and not segment.pin else map_segment(segment))
+        return data, buffers
     finally:
-        if unlink_after:
-            unlink(segments)
+        if unlink_after or (keep and len(buffers) < len(segments)):  # a failed hold: drop the rest
+            release([s for s in segments if not s.pin])
+
+
+# -- held segments ----------------------------------------------------------------------------
+class _Held(NamedTuple):
+    path: str
+    start: int  # address of the mapping in this process
+    size: int
+    owner: int  # pid: a forked child neither sends nor unlinks its parent's segments
+    mapping: weakref.ref[mmap.mmap]
+
+
+_held: dict[str, _Held] = {}  # path → held segment, while its mapping lives
+_pins: dict[str, mmap.mmap] = {}  # pin → mapping, while a payload that refers to it is out
+_pin_counter = itertools.count(1)
+
+
+def _address(buffer: Any) -> int | None:
+    """The address of a writable contiguous buffer (None for a read-only one)."""
+    try:
+        anchor = ctypes.c_char.from_buffer(buffer)
+    except (TypeError, ValueError, BufferError):
+        return None
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+def hold(segment: Segment) -> memoryview:
+    """Take ownership of a segment this process was sent: rename it to this process's
+    own name, map it copy-on-write and register it for ``reference``; it is unlinked
+    when the mapping is collected (the last object unpickled from it is gone)."""
+    path = f"{os.path.dirname(segment.path)}/{own_name()}-{next(_counter)}"
+    os.rename(segment.path, path)
+    try:
+        mapping = _map(path, segment.size)
+        start = _address(mapping)
+    except BaseException:
+        os.unlink(path)
+        raise
+    assert start is not None  # a private, writable mapping
+    pid = os.getpid()
+    _held[path] = _Held(path, start, segment.size, pid, weakref.ref(mapping))
+    weakref.finalize(mapping, _drop, path, pid)
+    return memoryview(mapping)
+
+
+def _drop(path: str, owner: int) -> None:
+    """The last object on a held segment is gone (or the interpreter exits)."""
+    _held.pop(path, None)
+    if os.getpid() == owner:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def reference(view: memoryview) -> Segment | None:
+    """A reference to the held segment ``view`` lies in, pinned until ``release``; None
+    when it lies in none, or when this process wrote to any page of it since the
+    segment was mapped (then only a copy says what the buffer holds now)."""
+    global bytes_referenced
+    if not _held:
+        return None
+    address = _address(view)
+    if address is None:
+        return None
+    end = address + view.nbytes
+    pid = os.getpid()
+    for held in list(_held.values()):
+        if held.owner != pid or not held.start <= address < end <= held.start + held.size:
+            continue
+        mapping = held.mapping()
+        if mapping is None:  # being collected: its finalizer is about to unlink it
+            continue
+        if not _untouched(address, view.nbytes):
+            return None
+        pin = f"{pid}-{next(_pin_counter)}"
+        _pins[pin] = mapping
+        bytes_referenced += view.nbytes
+        return Segment(held.path, view.nbytes, address - held.start, pin)
+    return None
+
+
+# -- which pages a private mapping has written ---------------------------------------------------
+# /proc/self/pagemap has 8 bytes per page; the top byte's bits: 0x80 present, 0x40 swapped,
+# 0x20 a page of a file (or shared). A page written through a private file mapping is an
+# anonymous copy: present and not a file page, or swapped out.
+_WRITTEN = bytes(int(bool(b & 0x40) or b & 0xA0 == 0x80) for b in range(256))
+_pagemap_works: dict[int, bool] = {}  # pid → whether the self-test passed
+
+
+def _written(address: int, nbytes: int) -> bool | None:
+    """Whether a page of the range is a private copy; None when pagemap cannot say."""
+    first, last = address // mmap.PAGESIZE, (address + nbytes - 1) // mmap.PAGESIZE
+    want = (last - first + 1) * 8
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            entries = os.pread(fd, want, first * 8)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if len(entries) != want:
+        return None
+    return 1 in entries[7::8].translate(_WRITTEN)
+
+
+def _pagemap_ok() -> bool:
+    """Whether pagemap tells written pages from file pages here (checked once per
+    process on a private mapping of a two-page memfd: one page read, one written)."""
+    pid = os.getpid()
+    if pid not in _pagemap_works:
+        works = False
+        try:
+            fd = os.memfd_create("twat-mp-pagemap-check")
+            try:
+                os.pwrite(fd, bytes(2 * mmap.PAGESIZE), 0)
+                mapping = mmap.mmap(fd, 2 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            start = _address(mapping)
+            if start is not None:
+                mapping[mmap.PAGESIZE] = mapping[0] + 1  # read the first page, write the second
+                works = (_written(start, mmap.PAGESIZE) is False
+                         and _written(start + mmap.PAGESIZE, mmap.PAGESIZE) is True)
+            del mapping
+        except (OSError, AttributeError, ValueError, BufferError):  # no memfd, no pagemap
+            works = False
+        _pagemap_works[pid] = works
+    return _pagemap_works[pid]
+
+
+def _untouched(address: int, nbytes: int) -> bool:
+    """Whether this process never wrote to the range (a private mapping of a segment):
+    then it holds exactly what the segment holds."""
+    return _pagemap_ok() and _written(address, nbytes) is False
