@@ -543,3 +543,32 @@ def test_profile_records_counts_latencies_and_edges(rt):
     assert data["edges"] == [{"from": "add_thread", "to": "add_inline", "count": 4}]
     assert "-->|4|" in prof.to_mermaid()
     assert "add_thread" in str(prof)
+
+
+# -- large values between process ops stay in shared memory --------------------------------
+@op(kind="process")
+def make_big(n):
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64)
+
+
+@op(kind="process")
+def total_of(array):
+    return float(array.sum()), len(array)
+
+
+def test_a_large_value_goes_from_process_op_to_process_op_through_shared_memory(rt):
+    np = pytest.importorskip("numpy")
+    from twat_mp._engine import shm
+
+    if not shm.available():
+        pytest.skip("no writable /dev/shm here")
+    n = 1 << 19  # 4 MiB of float64
+    make_big.go(8).result()  # pools warm
+    written, referenced = shm.bytes_written, shm.bytes_referenced
+    big = make_big.go(n)
+    sums = get([total_of.go(big), total_of.go(big)])
+    assert sums == [(float(np.arange(n).sum()), n)] * 2
+    assert shm.bytes_written == written  # the parent copied nothing into a new segment
+    assert shm.bytes_referenced - referenced >= 2 * 8 * n  # both sends referred to the result's segment

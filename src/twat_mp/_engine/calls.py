@@ -95,7 +95,7 @@ def _finish(dispatcher: Dispatcher, chunk: Chunk, outcome: Any,
     try:
         if isinstance(outcome, BaseException):
             raise outcome
-        result = decode(outcome)
+        result = decode(outcome, keep=True)  # a task's value may feed the next task
         if result.error is not None:
             if result.error.stage is Stage.LOAD and not chunk.used_dill:  # by reference, not loadable there
                 encode(dispatcher, chunk, force_dill=True)

@@ -66,10 +66,13 @@ def encode(dispatcher: Dispatcher, chunk: Chunk, *, force_dill: bool = False) ->
             f"cannot send an argument to a worker: {find_unpicklable(chunk.items)}") from exc.__cause__
 
 
-def decode(outcome: Any) -> ChunkResult:
+def decode(outcome: Any, *, keep: bool = False) -> ChunkResult:
+    """Unpickle a chunk's outcome. Its shared-memory segments are unlinked once mapped,
+    or, with ``keep``, held while an object on them lives (so sending such a result on
+    to another worker refers to its segment instead of copying it)."""
     if isinstance(outcome, ChunkResult):
         return outcome
-    result: ChunkResult = loads(outcome, unlink=True)
+    result: ChunkResult = loads(outcome, unlink=not keep, keep=keep)
     return result
 
 
@@ -338,7 +341,7 @@ def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any,
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
-            result = decode(outcome)
+            result = decode(outcome, keep=True)  # a single call's value may feed the next call
             if result.error is not None:
                 if result.error.stage is Stage.LOAD and not chunk.used_dill:
                     encode(dispatcher, chunk, force_dill=True)
