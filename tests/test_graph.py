@@ -572,3 +572,13 @@ def test_a_large_value_goes_from_process_op_to_process_op_through_shared_memory(
     assert sums == [(float(np.arange(n).sum()), n)] * 2
     assert shm.bytes_written == written  # the parent copied nothing into a new segment
     assert shm.bytes_referenced - referenced >= 2 * 8 * n  # both sends referred to the result's segment
+
+
+@pytest.mark.parametrize("kind", ["inline", "thread", "process"])
+def test_an_op_raising_system_exit_fails_only_its_task(rt, kind):
+    import sys
+
+    exiting = op(kind=kind, name="exiting")(sys.exit)
+    with pytest.raises(SystemExit):
+        exiting.go(3).result()
+    assert add_inline.go(1, 1).result() == 2 and add_thread.go(2, 2).result() == 4

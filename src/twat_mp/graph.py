@@ -656,8 +656,8 @@ class Runtime:
 
     def call_on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the loop thread and return its result (any thread)."""
-        if threading.get_ident() == self._loop_ident or self._loop.is_closed():
-            return fn(*args)
+        if threading.get_ident() == self._loop_ident or self._closed or self._loop.is_closed():
+            return fn(*args)  # (once shut down, nothing else touches the graph)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def call() -> None:
@@ -727,7 +727,7 @@ class Runtime:
             try:
                 args, kwargs = self._arguments(ref)
                 value = fn.fn(*args, **kwargs)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: it must not end the loop thread
                 self._fail(ref, exc)
             else:
                 self._complete(ref, value)
@@ -782,7 +782,7 @@ class Runtime:
             if not self._closed:
                 self._fail(ref, concurrent.futures.CancelledError(f"task {fn.name}#{ref._id} was cancelled"))
             raise
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # never out of the loop thread
             self._fail(ref, exc)
         else:
             self._complete(ref, value)

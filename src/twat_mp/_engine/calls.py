@@ -38,7 +38,7 @@ def run_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     """Run one call of a batch in a thread worker; its exception is its outcome."""
     try:
         return True, fn(*args, **kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         return False, exc
 
 
@@ -46,7 +46,7 @@ def run_call_remote(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
     """Run one call of a batch in a process worker; an exception travels as a RemoteError."""
     try:
         return True, fn(*args, **kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         return False, RemoteError.capture(exc)
 
 
@@ -57,7 +57,7 @@ async def run_call_async(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: 
         if inspect.isawaitable(value):
             value = await value
         return True, value
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         return False, RemoteError.capture(exc)
 
 
