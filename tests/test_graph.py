@@ -582,3 +582,25 @@ def test_an_op_raising_system_exit_fails_only_its_task(rt, kind):
     with pytest.raises(SystemExit):
         exiting.go(3).result()
     assert add_inline.go(1, 1).result() == 2 and add_thread.go(2, 2).result() == 4
+
+
+@op(kind="async-process", timeout=0.3)
+async def hang_async_process(_):
+    await asyncio.sleep(60)
+
+
+def test_timeouts_of_thread_and_async_process_ops(rt):
+    release = threading.Event()
+
+    @op(kind="thread", timeout=0.3)
+    def hang_thread(_):
+        release.wait(30)
+
+    try:
+        with pytest.raises(TaskTimeoutError):
+            hang_thread.go(1).result(timeout=20)
+        with pytest.raises(TaskTimeoutError):
+            hang_async_process.go(1).result(timeout=20)
+        assert add_thread.go(1, 1).result() == 2 and add_async_process.go(1, 2).result() == 3
+    finally:
+        release.set()
