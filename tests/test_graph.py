@@ -441,6 +441,8 @@ def test_a_shut_down_runtime_is_a_clear_error():
         done = add_inline.go(1, 1)
         done.result()
     gate.set()
+    assert pending.done() and not pending.cancelled()
+    assert isinstance(pending.exception(), RuntimeClosedError)
     with pytest.raises(RuntimeClosedError, match="shut down"):
         pending.result(timeout=10)
     with pytest.raises(RuntimeClosedError):
@@ -460,12 +462,18 @@ def test_a_waiter_blocked_when_the_runtime_shuts_down_is_released():
     runtime = Runtime()
     with runtime:
         pending = blocked.go()
-    box = []
-    waiter = threading.Thread(target=lambda: box.append(pending.exception(timeout=20)))
-    waiter.start()
+        box = []
+        waiter = threading.Thread(target=lambda: box.append(pending.exception(timeout=20)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not pending._waiters and time.monotonic() < deadline:  # until it is blocked on the ref
+            time.sleep(0.001)
+        assert pending._waiters
     waiter.join(20)
     gate.set()
     assert isinstance(box[0], RuntimeClosedError)
+    # and one who asks after the shutdown is told the same, at once
+    assert pending.done() and isinstance(pending.exception(), RuntimeClosedError)
 
 
 def test_refs_stay_in_their_runtime():

@@ -280,8 +280,9 @@ class ObjectRef:
 
     # -- the future ----------------------------------------------------------------------
     def done(self) -> bool:
-        """True once the task finished, failed or was cancelled."""
-        return self._state >= DONE
+        """True once the task finished, failed or was cancelled, or its runtime was shut
+        down before it finished (it then fails with ``RuntimeClosedError``)."""
+        return self._state >= DONE or self._rt._closed
 
     def cancelled(self) -> bool:
         return self._state == CANCELLED
@@ -304,7 +305,7 @@ class ObjectRef:
             error: BaseException = self._value
             return error
         if self._state < DONE:
-            raise RuntimeClosedError(self._closed_text())
+            return RuntimeClosedError(self._closed_text())
         return None
 
     def cancel(self) -> bool:
