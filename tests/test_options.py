@@ -40,7 +40,7 @@ HOSTILE = st.one_of(
 )
 CALL_OPTIONS = ["chunksize", "max_in_flight", "timeout", "retries", "progress", "ordered"]
 POOL_OPTIONS = ["nodes", "chunksize", "max_in_flight", "timeout", "retries", "progress", "initializer", "initargs",
-                "start_method", "pool_class"]
+                "start_method", "pool_class", "torch_threads", "per_device"]
 DECORATOR_OPTIONS = ["nodes", "kind", "initializer", "initargs", *CALL_OPTIONS]
 EXAMPLE_SECONDS = 20  # no single example may take longer: a hang fails the example
 
@@ -71,6 +71,10 @@ def _valid(name: str, value: object, kind: str = "process") -> bool:
         return isinstance(value, str) and value in ("process", "thread")
     if name == "pool_class":
         return value is None or isinstance(value, type)
+    if name == "torch_threads":
+        return value is None or (kind == "process" and is_int and value > 0)
+    if name == "per_device":
+        return value is None  # only with devices=
     raise AssertionError(name)
 
 

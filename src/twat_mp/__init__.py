@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from twat_mp.graph import ObjectRef, Op, Runtime, as_completed, get, op, shutdown, wait
+    from twat_mp.hardware import Device, current_device, devices
     from twat_mp.pipeline import Context, ExecutionMetadata, Node, node
     from twat_mp.pools import AsyncResult, MultiPool, ProcessPool, ThreadPool
     from twat_mp.profiling import Profile, profile
@@ -63,6 +64,9 @@ _WHERE = {
     "TwatMPError": "twat_mp.errors",
     "WorkerCrashedError": "twat_mp.errors",
     "WorkerError": "twat_mp.errors",
+    "Device": "twat_mp.hardware",
+    "current_device": "twat_mp.hardware",
+    "devices": "twat_mp.hardware",
     "ObjectRef": "twat_mp.graph",
     "Op": "twat_mp.graph",
     "Runtime": "twat_mp.graph",
@@ -92,6 +96,7 @@ __all__ = [
     "AsyncResult",
     "BrokenPoolError",
     "Context",
+    "Device",
     "ExecutionMetadata",
     "InitializerError",
     "MultiPool",
@@ -116,6 +121,8 @@ __all__ = [
     "amap",
     "apmap",
     "as_completed",
+    "current_device",
+    "devices",
     "get",
     "imap",
     "main",

@@ -195,10 +195,31 @@ class PoolSpec:
     start_method: str | None = None
     initializer: Callable[..., Any] | None = None
     initargs: Sequence[Any] = ()  # a tuple once checked
+    devices: Any = None  # None, or the tuple of Devices the workers are pinned to
+    per_device: int | None = None  # workers on each device (default: 1 a GPU, the cores on the CPU)
+    torch_threads: int | None = None  # intra-op threads of each worker (default: its share of the cores)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "kind", check_kind(self.kind))
+        set_(self, "per_device", check_positive_int("per_device", self.per_device))
+        set_(self, "torch_threads", check_positive_int("torch_threads", self.torch_threads))
+        if self.kind == "thread" and (self.devices, self.per_device, self.torch_threads) != (None, None, None):
+            raise ValueError("devices, per_device and torch_threads apply to process pools, not threads")
+        if self.devices is not None:
+            from twat_mp import hardware as device_layer
+
+            pinned = device_layer.parse(self.devices)
+            assert pinned is not None
+            set_(self, "devices", pinned)
+            workers = len(device_layer.workers_per_device(pinned, self.per_device))
+            if self.nodes is not None and self.nodes != workers:
+                raise ValueError(f"nodes={self.nodes!r} but devices={[str(d) for d in pinned]} with per_device="
+                                 f"{self.per_device} make {workers} workers; give devices= alone (with "
+                                 "per_device=) or nodes= alone")
+            set_(self, "nodes", workers)
+        elif self.per_device is not None:
+            raise ValueError("per_device= needs devices= (the devices to put that many workers on)")
         set_(self, "nodes", check_nodes(self.nodes, kind=self.kind))
         set_(self, "start_method", check_start_method(self.start_method))
         if self.kind == "thread" and self.start_method is not None:
@@ -215,7 +236,9 @@ class PoolSpec:
     def key(self) -> tuple[Any, ...]:
         """Equal for two specs only when every part is exactly the same (see
         :func:`exact_key`); hashable even when ``initargs`` holds arrays."""
-        return (self.kind, self.nodes, self.start_method, exact_key(self.initializer), exact_key(self.initargs))
+        pinned = None if self.devices is None else tuple(map(str, self.devices))
+        return (self.kind, self.nodes, self.start_method, exact_key(self.initializer), exact_key(self.initargs),
+                pinned, self.per_device, self.torch_threads)
 
     @property
     def args(self) -> tuple[Any, ...]:
@@ -226,5 +249,21 @@ class PoolSpec:
         """The keyword arguments that make a pool of this spec."""
         options: dict[str, Any] = {"initializer": self.initializer, "initargs": self.initargs}
         if self.kind == "process":
-            options["start_method"] = self.start_method
+            options.update(start_method=self.start_method, devices=self.devices, per_device=self.per_device,
+                           torch_threads=self.torch_threads)
         return options
+
+    def slot_envs(self, start_method: str) -> list[tuple[tuple[str, str], ...]]:
+        """The environment of each worker slot: its device (if pinned) and its share of
+        the cores for intra-op threads. Forked workers keep one thread: a forked child
+        must not touch an OpenMP pool its parent started (it would hang)."""
+        from twat_mp import hardware as device_layer
+
+        size = self.size
+        threads = 1 if start_method == "fork" and self.torch_threads is None else \
+            device_layer.thread_share(size, self.torch_threads)
+        if self.devices is None:
+            return [device_layer.slot_env(None, threads)] * size
+        device_layer.check_fork_safe(start_method, self.devices)
+        return [device_layer.slot_env(device, threads)
+                for device in device_layer.workers_per_device(self.devices, self.per_device)]

@@ -63,13 +63,20 @@ class AsyncMultiPool(PoolLifecycle):
         chunksize, timeout, retries, progress: as for ``ProcessPool``; ``timeout``
             cancels a call that runs longer, inside its worker.
         start_method: as for ``ProcessPool``.
+        devices, per_device, torch_threads: workers pinned to devices, as for
+            ``ProcessPool`` (``processes`` then follows from them).
     """
 
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Sequence[Any] = (), maxtasksperchild: int = 0, childconcurrency: int = 16,
                  queuecount: int | None = None, *, chunksize: int | None = None, timeout: float | None = None,
-                 retries: int = 0, progress: bool | str = False, start_method: str | None = None) -> None:
-        self.processes = _options.check_nodes(processes, "processes")
+                 retries: int = 0, progress: bool | str = False, start_method: str | None = None,
+                 devices: Any = None, per_device: int | None = None, torch_threads: int | None = None) -> None:
+        _options.check_nodes(processes, "processes")
+        #: Size, start method and devices, checked once (``devices=`` as for ProcessPool).
+        self.spec = _options.PoolSpec(kind="process", nodes=processes, start_method=start_method,
+                                      devices=devices, per_device=per_device, torch_threads=torch_threads)
+        self.processes = self.spec.size
         self.childconcurrency: int = _options.check_positive_int(  # type: ignore[assignment]
             "childconcurrency", childconcurrency, allow_none=False)
         if isinstance(maxtasksperchild, bool) or not isinstance(maxtasksperchild, int) or maxtasksperchild < 0:
@@ -99,9 +106,14 @@ class AsyncMultiPool(PoolLifecycle):
             if self._closed:
                 raise PoolClosedError("this AsyncMultiPool is closed; create a new one")
             if self._dispatcher is None:
+                from twat_mp._engine.process import default_start_method
+                from twat_mp.pools import slot_specs
+
+                slots = slot_specs(self.spec, self.start_method or default_start_method())
                 self._dispatcher = ProcessDispatcher(
                     self.processes, start_method=self.start_method, initializer=self.initializer,
-                    initargs=self.initargs, concurrency=self.childconcurrency, max_tasks=self.maxtasksperchild)
+                    initargs=self.initargs, concurrency=self.childconcurrency, max_tasks=self.maxtasksperchild,
+                    slots=slots)
                 logger.debug("AsyncMultiPool started with {} processes", self.processes)
         return self
 
@@ -238,10 +250,11 @@ class AsyncMappedFunction:
     worker processes; ``f.sync(items)`` does the same from synchronous code."""
 
     def __init__(self, fn: Callable[..., Any], processes: int | None, childconcurrency: int,
-                 options: _options.MapOptions) -> None:
+                 options: _options.MapOptions, pool_options: dict[str, Any] | None = None) -> None:
         self.func = fn
         self.processes = processes
         self.childconcurrency = childconcurrency
+        self.pool_options = {"childconcurrency": childconcurrency, **(pool_options or {})}
         self.options = options
         self.__name__: str = getattr(fn, "__name__", "function")
         functools.update_wrapper(self, fn)
@@ -267,7 +280,7 @@ class AsyncMappedFunction:
         the length of a call."""
         from twat_mp.decorators import _borrowed
 
-        return _borrowed("async", self.processes, {"childconcurrency": self.childconcurrency})
+        return _borrowed("async", self.processes, self.pool_options)
 
     def sync(self, *iterables: Iterable[Any]) -> list[Any]:
         """Run the map from synchronous code (no event loop needed; a running one in
@@ -314,7 +327,8 @@ def dataclass_dict(options: _options.MapOptions) -> dict[str, Any]:
 
 def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = None, childconcurrency: int = 16,
           chunksize: int | None = None, timeout: float | None = None, retries: int = 0,
-          progress: bool | str = False) -> Any:
+          progress: bool | str = False, devices: Any = None, per_device: int | None = None,
+          torch_threads: int | None = None) -> Any:
     """Decorate an async function so that ``await f(items)`` maps it over ``items`` in
     worker processes, returning the list of results.
 
@@ -335,12 +349,18 @@ def apmap(fn: Callable[..., Any] | None = None, /, *, processes: int | None = No
     _options.check_positive_int("childconcurrency", childconcurrency, allow_none=False)
     options = _options.MapOptions(chunksize=chunksize, timeout=timeout, retries=retries, progress=progress,
                                   decorator=True)
+    pinning: dict[str, Any] = {k: v for k, v in (("devices", devices), ("per_device", per_device),
+                                                 ("torch_threads", torch_threads)) if v is not None}
+    if pinning:  # checked now, as every option is (the pool is made on first use)
+        _options.PoolSpec(kind="process", nodes=processes, devices=devices, per_device=per_device,
+                          torch_threads=torch_threads)
     if fn is None:
         return functools.partial(apmap, processes=processes, childconcurrency=childconcurrency,
-                                 chunksize=chunksize, timeout=timeout, retries=retries, progress=progress)
+                                 chunksize=chunksize, timeout=timeout, retries=retries, progress=progress,
+                                 **pinning)
     if not callable(fn):
         raise TypeError(f"@apmap decorates a function, got {fn!r}")
-    return AsyncMappedFunction(fn, processes, childconcurrency, options)
+    return AsyncMappedFunction(fn, processes, childconcurrency, options, pinning)
 
 
 def _run_sync(coroutine: Any) -> Any:

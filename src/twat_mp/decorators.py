@@ -80,6 +80,9 @@ class _borrowed:
         self.pool_class = _pool_class(kind)
         if kind == "async":
             self.nodes = _options.check_nodes(nodes, "processes")
+            if "devices" in options:  # the devices decide the size
+                self.nodes = _options.PoolSpec(nodes=nodes, devices=options["devices"],
+                                               per_device=options.get("per_device")).size
             self.options = dict(options)
             self.key: tuple[Any, ...] = (kind, self.nodes, *sorted(
                 (name, _options.exact_key(value)) for name, value in options.items()))
@@ -160,7 +163,7 @@ atexit.register(shutdown_warm_pools)
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 # Options that choose the pool; the rest are options of each call.
-_POOL_OPTIONS = {"initializer", "initargs", "start_method"}
+_POOL_OPTIONS = {"initializer", "initargs", "start_method", "devices", "per_device", "torch_threads"}
 _CALL_OPTIONS = {"chunksize", "max_in_flight", "timeout", "retries", "progress", "ordered"}
 _DECORATOR_NAMES = {"map": "pmap", "imap": "imap", "amap": "amap"}
 

@@ -95,6 +95,13 @@ class MultiPool(PoolLifecycle):
         timeout: seconds each item may take (default: no limit); see ``docs/failures.md``.
         retries: times the items of a dead or timed-out worker are re-run (default 0).
         progress: ``True`` or a label shows a tqdm progress bar on each map.
+        devices: process pools only: pin the workers to devices, ``"auto"`` (one worker
+            per GPU, else the CPU's cores), ``"cuda"``, ``"mps"``, ``"cpu"``, a device
+            name (``"cuda:1"``), a :class:`~twat_mp.hardware.Device` or a list of those;
+            ``nodes`` then follows from them. See :mod:`twat_mp.hardware`.
+        per_device: workers on each device (default: one per GPU, the cores on the CPU).
+        torch_threads: intra-op threads of each worker process for torch, OpenMP and
+            MKL (default: the cores divided among the workers, at least one).
         pool_class: for twat-mp 2.x code that builds ``MultiPool(pool_class=...)``
             directly: a thread pool class (ours or pathos's) gives worker threads,
             anything else worker processes. New code uses ProcessPool or ThreadPool.
@@ -118,11 +125,15 @@ class MultiPool(PoolLifecycle):
         retries: int = 0,
         progress: bool | str = False,
         start_method: str | None = None,
+        devices: Any = None,
+        per_device: int | None = None,
+        torch_threads: int | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
             valid = ["chunksize", "initargs", "initializer", "max_in_flight", "nodes", "pool_class", "progress",
-                     "retries", "timeout"] + (["start_method"] if self.kind == "process" else [])
+                     "retries", "timeout"] + (["devices", "per_device", "start_method", "torch_threads"]
+                                              if self.kind == "process" else [])
             raise TypeError(f"{type(self).__name__}() got unknown option(s) {sorted(unknown)}; "
                             f"valid options are {sorted(valid)}")
         self._pool_class = _options.check_pool_class(pool_class)
@@ -131,7 +142,8 @@ class MultiPool(PoolLifecycle):
             kind = "thread" if "thread" in pool_class.__name__.lower() else "process"
         #: What the pool is made of, checked here once; the engine takes its values from it.
         self.spec = _options.PoolSpec(kind=kind, nodes=nodes, start_method=start_method,
-                                      initializer=initializer, initargs=initargs)
+                                      initializer=initializer, initargs=initargs, devices=devices,
+                                      per_device=per_device, torch_threads=torch_threads)
         self.options = _options.MapOptions(chunksize=chunksize, max_in_flight=max_in_flight, timeout=timeout,
                                            retries=retries, progress=progress)
         self._dispatcher: Dispatcher | None = None
@@ -167,9 +179,10 @@ class MultiPool(PoolLifecycle):
             from twat_mp._engine.threads import ThreadDispatcher
 
             return ThreadDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
-        from twat_mp._engine.process import ProcessDispatcher
+        from twat_mp._engine.process import ProcessDispatcher, default_start_method
 
-        return ProcessDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs)
+        return ProcessDispatcher(self._nodes, initializer=self.initializer, initargs=self.initargs,
+                                 slots=slot_specs(self.spec, default_start_method()))
 
     def _open(self) -> MultiPool:
         with self._lock:
@@ -322,6 +335,16 @@ def _closing_bar(results: Iterator[list[Any]], bar: Any) -> Iterator[list[Any]]:
         bar.close()
 
 
+def slot_specs(spec: _options.PoolSpec, start_method: str) -> list[Any]:
+    """The engine's slot specs of a process pool: each slot's environment (device, thread
+    share) and, for a pinned slot, its device as a tag that work can target."""
+    from twat_mp._engine.dispatcher import SlotSpec
+    from twat_mp.hardware import DEVICE_ENV
+
+    return [SlotSpec(env=env, tags=frozenset(value for name, value in env if name == DEVICE_ENV))
+            for env in spec.slot_envs(start_method)]
+
+
 class ProcessPool(MultiPool):
     """Worker processes (``multiprocess``, with dill): lambdas, closures and functions
     defined in a notebook or ``__main__`` work.
@@ -342,11 +365,18 @@ class ProcessPool(MultiPool):
     def __init__(self, nodes: int | None = None, *, start_method: str | None = None, **options: Any) -> None:
         super().__init__(nodes, start_method=start_method, **options)
 
-    def _make_dispatcher(self) -> Dispatcher:
-        from twat_mp._engine.process import ProcessDispatcher
+    @property
+    def devices(self) -> tuple[Any, ...] | None:
+        """The devices the workers are pinned to (``devices=``), one entry per device."""
+        devices: tuple[Any, ...] | None = self.spec.devices
+        return devices
 
-        return ProcessDispatcher(self._nodes, start_method=self.start_method,
-                                 initializer=self.initializer, initargs=self.initargs)
+    def _make_dispatcher(self) -> Dispatcher:
+        from twat_mp._engine.process import ProcessDispatcher, default_start_method
+
+        method = self.start_method or default_start_method()
+        return ProcessDispatcher(self._nodes, start_method=self.start_method, initializer=self.initializer,
+                                 initargs=self.initargs, slots=slot_specs(self.spec, method))
 
 
 class ThreadPool(MultiPool):

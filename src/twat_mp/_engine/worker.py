@@ -96,11 +96,13 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _limit_torch_threads() -> None:
-    """One intra-op thread per worker process: the workers already fill the cores, and a
-    forked child must not touch the OpenMP pool its parent started (it would hang)."""
+    """Give torch this worker's share of the cores (``TWAT_MP_TORCH_THREADS``, set per
+    slot by the pool: the cores divided among the workers, one for forked workers), so
+    that the workers together neither oversubscribe nor idle. torch imported later
+    reads ``OMP_NUM_THREADS``, which the slot's environment sets to the same share."""
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(int(os.environ.get("TWAT_MP_TORCH_THREADS", "1")))
 
 
 class WorkerSetup:
