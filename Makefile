@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/graph.py
+	$(BIN)/python benchmarks/devices.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
