@@ -108,7 +108,8 @@ def test_every_error_derives_from_twatmperror_and_keeps_its_builtin_base():
     assert issubclass(RuntimeClosedError, TwatMPError) and issubclass(RuntimeClosedError, RuntimeError)
     assert set(twat_mp.errors.__all__) == {
         "BrokenPoolError", "InitializerError", "PoolClosedError", "SerializationError", "TaskTimeoutError",
-        "TwatMPError", "WorkerCrashedError", "WorkerError", "OpError", "NodeExecutionError", "RuntimeClosedError"}
+        "TwatMPError", "WorkerCrashedError", "WorkerError", "OpError", "NodeExecutionError", "RuntimeClosedError",
+        "SharedMemoryError"}
 
 
 def test_graph_errors_pickle_with_their_fields():

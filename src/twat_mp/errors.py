@@ -21,6 +21,7 @@ __all__ = [
     "PoolClosedError",
     "RuntimeClosedError",
     "SerializationError",
+    "SharedMemoryError",
     "TaskTimeoutError",
     "TwatMPError",
     "WorkerCrashedError",
@@ -417,3 +418,15 @@ class NodeExecutionError(TwatMPError):
 class RuntimeClosedError(TwatMPError, RuntimeError):
     """A graph was used after its runtime shut down (``twat_mp.shutdown()``, or a
     ``with Runtime()`` block that ended)."""
+
+
+class SharedMemoryError(TwatMPError, MemoryError):
+    """Data could not be placed in shared memory (``twat_mp.share``, ``shared_array``,
+    ``shared_tensor``): the segment does not fit in ``/dev/shm`` (containers get 64 MB
+    by default), or there is no usable ``/dev/shm``. ``size`` is the number of bytes
+    asked for and ``free`` the bytes free there (None when unknown)."""
+
+    def __init__(self, message: str, size: int | None = None, free: int | None = None) -> None:
+        super().__init__(message)
+        self.size = size
+        self.free = free

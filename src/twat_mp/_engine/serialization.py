@@ -13,8 +13,11 @@ Items and results ship in batches with the C pickle (protocol 5) and fall back t
 only for a batch that pickle refuses. Buffers of 1 MiB or more (numpy arrays, CPU
 torch tensors of any dtype) go through shared memory (see ``shm``): written to a new
 segment, or, when they lie in a segment this process holds (a kept result, ``share``),
-sent as a reference to it. The receiving side always uses ``pickle.loads``: dill writes
-standard pickle opcodes.
+sent as a reference to it. A buffer in a *shared* segment (``twat_mp.share``) of any
+size is always sent by reference, in a C or a dill pickle, and so is a strided view of
+one. A CUDA tensor goes through torch's CUDA IPC where it can (the receiver maps the
+same device memory), else through the CPU. The receiving side always uses
+``pickle.loads``: dill writes standard pickle opcodes.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def _reduce_tensor(tensor: Any) -> tuple[Any, ...]:
     """A dense CPU tensor as a numpy array, so its storage can go out-of-band (shared
     memory); anything else keeps torch's own reduction. A failure here is ours: it is
     logged and the tensor keeps torch's reduction, never silently handed to dill."""
+    if tensor.device.type == "cuda":
+        return _reduce_cuda(tensor)
     try:
         reduced = _tensor_as_array(tensor)
     except Exception as exc:
@@ -78,7 +83,9 @@ def _tensor_as_array(tensor: Any) -> tuple[Any, ...] | None:
     import torch
 
     if (tensor.device.type != "cpu" or tensor.requires_grad or tensor.layout is not torch.strided
-            or tensor.is_quantized or tensor.is_conj() or tensor.is_neg() or not tensor.is_contiguous()):
+            or tensor.is_quantized or tensor.is_conj() or tensor.is_neg()):
+        return None
+    if not tensor.is_contiguous() and not _in_shared(tensor):  # a view of a shared tensor: by reference
         return None
     kinds = _torch_types(torch)
     if tensor.dtype in kinds["numpy"]:
@@ -89,19 +96,90 @@ def _tensor_as_array(tensor: Any) -> tuple[Any, ...] | None:
     return (_tensor_from_bits, (tensor.view(bits).numpy(), tensor.dtype))
 
 
-_tables: dict[bool, dict[Any, Any]] = {}
+def _in_shared(tensor: Any) -> bool:
+    storage = tensor.untyped_storage()
+    return shm.is_shared_range(storage.data_ptr(), storage.nbytes())
+
+
+def _reduce_cuda(tensor: Any) -> tuple[Any, ...]:
+    """A CUDA tensor by torch's CUDA IPC (the receiver maps the same device memory; this
+    process keeps it alive while the receiver uses it), or, where IPC is unavailable or
+    refuses the tensor, through the CPU, back on the device in a receiver with CUDA."""
+    try:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        reduced: tuple[Any, ...] = reduce_tensor(tensor)  # type: ignore[no-untyped-call]
+        return reduced
+    except Exception as exc:
+        from twat_mp._logging import logger
+
+        logger.debug("CUDA tensor on {} sent through the CPU (no CUDA IPC: {!r})", tensor.device, exc)
+    return (_tensor_to_device, (tensor.detach().cpu(), str(tensor.device), tensor.requires_grad))
+
+
+def _tensor_to_device(tensor: Any, device: str, requires_grad: bool) -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        tensor = tensor.to(device)
+    else:
+        from twat_mp._logging import logger
+
+        logger.debug("a tensor of {} stays on the CPU: no CUDA in this process", device)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
+def _reduce_ndarray(array: Any) -> Any:
+    """A strided view of a shared segment by reference (the segment's bytes it spans and
+    its strides), so a worker writes where the caller reads; any other array as numpy
+    pickles it (contiguous buffers out-of-band)."""
+    if shm._shared and not (array.flags.c_contiguous or array.flags.f_contiguous) and array.size:
+        low, nbytes = array_bounds(array)
+        span = shm.shared_view(low, nbytes)
+        if span is not None:
+            start = array.__array_interface__["data"][0]
+            return (_strided, (pickle.PickleBuffer(span), array.dtype, array.shape, array.strides, start - low))
+    return array.__reduce_ex__(PROTOCOL)
+
+
+def array_bounds(array: Any) -> tuple[int, int]:
+    """The lowest address of a numpy array's elements and the bytes its elements span
+    (0 for an empty array), whatever its strides."""
+    if not array.size:
+        return array.__array_interface__["data"][0], 0
+    low = high = array.__array_interface__["data"][0]
+    for n, stride in zip(array.shape, array.strides):
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return low, high - low + array.itemsize
+
+
+def _strided(buffer: Any, dtype: Any, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> Any:
+    import numpy
+
+    return numpy.ndarray(shape, dtype, buffer=buffer, offset=offset, strides=strides)
+
+
+_tables: dict[tuple[bool, bool], dict[Any, Any]] = {}
 
 
 def _dispatch_table() -> dict[Any, Any]:
     """copyreg's table, plus torch tensors as numpy arrays once torch is imported (so
-    their storage can go out-of-band)."""
+    their storage can go out-of-band), plus numpy arrays while shared segments exist
+    (so views of them go by reference)."""
     torch = sys.modules.get("torch")
-    table = _tables.get(torch is not None)
+    numpy = sys.modules.get("numpy") if shm._shared else None
+    key = (torch is not None, numpy is not None)
+    table = _tables.get(key)
     if table is None:
         table = dict(copyreg.dispatch_table)
         if torch is not None:
             table[torch.Tensor] = _reduce_tensor
-        _tables[torch is not None] = table
+        if numpy is not None:
+            table[numpy.ndarray] = _reduce_ndarray
+        _tables[key] = table
     return table
 
 
@@ -117,21 +195,26 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None, *,
     do it."""
     segments: list[shm.Segment] = []
     refused: list[OSError] = []
+    here = shm.releases_here(shm_prefix)  # a task sent from here, not a worker's result
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         try:
             view = buffer.raw()
         except BufferError:  # not contiguous: pickle copies it in-band
             return True
+        if shm._shared and by_reference:
+            shared = shm.shared_reference(view, pin=here, own=here)
+            if shared is not None:  # a shared segment, written to on purpose: any size, by reference
+                segments.append(shared)
+                return False
         if view.nbytes < shm.THRESHOLD:
             return True
         held = shm.reference(view) if by_reference else None
         if held is not None:  # already in shared memory: nothing to write
             segments.append(held)
             return False
-        if refused:
+        if refused or shm_prefix is None:
             return True
-        assert shm_prefix is not None
         try:
             segments.append(shm.write_segment(shm_prefix, view))
         except OSError as exc:  # no space, no directory, read-only: this payload uses the pipe
@@ -140,7 +223,7 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None, *,
         return False
 
     try:
-        if shm_prefix is None:
+        if shm_prefix is None and not shm._shared:
             return pickle.dumps(obj, PROTOCOL), False
         stream = io.BytesIO()
         pickler = pickle.Pickler(stream, PROTOCOL, buffer_callback=out_of_band)
@@ -149,7 +232,7 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None, *,
         data = stream.getvalue()
     except _PICKLE_REFUSED:
         shm.release(segments)
-        return dumps_dill(obj, what), True
+        return dumps_dill(obj, what, own=here), True
     except Exception as exc:  # a __reduce__ or __getstate__ failed: dill would only call it again
         shm.release(segments)
         raise SerializationError(f"cannot pickle {what} {_describe(obj)}: {exc!r}") from exc
@@ -165,10 +248,11 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None, *,
     return data, False
 
 
-def dumps_dill(obj: Any, what: str = "object") -> bytes:
-    """Pickle ``obj`` with dill, functions by value where they cannot be imported."""
+def dumps_dill(obj: Any, what: str = "object", *, own: bool = True) -> bytes:
+    """Pickle ``obj`` with dill, functions by value where they cannot be imported. Buffers
+    of shared segments go by reference (those of this process only with ``own``)."""
     try:
-        return _dumps_by_value(obj)
+        return _dumps_by_value(obj, own=own)
     except Exception as exc:
         raise SerializationError(f"cannot pickle {what} {_describe(obj)}: {exc}") from exc
 
@@ -450,6 +534,8 @@ def _pickler_class() -> Any:
 
         def get(self, key: Any, default: Any = None) -> Any:
             found = dict.get(self, key)
+            if found is None and shm._shared and key is getattr(sys.modules.get("numpy"), "ndarray", None):
+                found = _save_ndarray  # dill pickles arrays in-band: not those of shared segments
             return found if found is not None else dill.Pickler.dispatch.get(key, default)
 
     class Pickler(dill.Pickler):  # type: ignore[misc]
@@ -458,7 +544,32 @@ def _pickler_class() -> Any:
     return Pickler
 
 
-def _dumps_by_value(obj: Any) -> bytes:
+def _save_ndarray(pickler: Any, array: Any) -> None:
+    pickler.save_reduce(*_reduce_ndarray(array), obj=array)
+
+
+def _dumps_by_value(obj: Any, *, own: bool = True) -> bytes:
+    """dill's pickle of ``obj``; buffers of shared segments (``twat_mp.share``) in it are
+    sent by reference, unpinned (the sender holds what it sends while it is out; those
+    of this process only with ``own``), so a value that needs dill still reaches a
+    worker's writes."""
     stream = io.BytesIO()
-    _pickler_class()(stream, PROTOCOL, recurse=True).dump(obj)
-    return stream.getvalue()
+    if not shm._shared:
+        _pickler_class()(stream, PROTOCOL, recurse=True).dump(obj)
+        return stream.getvalue()
+    segments: list[shm.Segment] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            shared = shm.shared_reference(buffer.raw(), pin=False, own=own)
+        except BufferError:
+            return True
+        if shared is None:
+            return True
+        segments.append(shared)
+        return False
+
+    pickler = _pickler_class()(stream, PROTOCOL, recurse=True, buffer_callback=out_of_band)
+    pickler.dispatch_table = _dispatch_table()
+    pickler.dump(obj)
+    return shm.wrap(segments, stream.getvalue()) if segments else stream.getvalue()

@@ -30,6 +30,19 @@ copy-on-write as any segment and never unlinks it; the payload pins the mapping 
 segment) until the sender releases the payload. Where pagemap cannot tell (not Linux, a
 sandbox), such a buffer is written to a new segment, as any other.
 
+Shared segments (``create_shared``, behind ``twat_mp.share``): made by their owner and
+mapped ``MAP_SHARED`` read-write by the owner and by every process it is sent to, so a
+write anywhere is seen everywhere (the opposite of the segments above, which are never
+written after creation). A buffer in one is always sent by reference (path, offset,
+length and the ``shared`` flag; no pagemap check: writes go there on purpose). The
+owner pins it in a payload it releases itself (a task); in a payload released by
+another process (a worker's result) the owner sends a copy instead, as it could not
+unpin it. Another process that mapped it sends it on by reference, unpinned, while the
+file exists. The owner unlinks it when the last object on its mapping is collected or
+at exit (``weakref.finalize``); receivers never unlink it, and their mappings outlive
+the unlink. A receiver keeps one mapping per segment while an object on it lives and
+maps later references to it from there.
+
 Who releases a segment:
 - segments of a task belong to the caller, who unlinks them once the chunk is done;
   a task's references to held segments are only unpinned then (``release``);
@@ -51,6 +64,7 @@ import mmap
 import os
 import pickle
 import re
+import sys
 import weakref
 from typing import Any, NamedTuple
 
@@ -68,12 +82,14 @@ bytes_referenced = 0
 class Segment(NamedTuple):
     """A buffer in a segment: ``size`` bytes at ``offset``. ``pin`` is empty when the
     payload owns the segment (its releaser unlinks it), and names the sender's pin when
-    the payload only refers to a segment the sender holds (never unlinked through it)."""
+    the payload only refers to a segment the sender holds (never unlinked through it).
+    A ``shared`` segment is never unlinked through a payload, pinned or not."""
 
     path: str
     size: int
     offset: int = 0
     pin: str = ""
+    shared: bool = False  # a shared segment (``create_shared``): mapped MAP_SHARED, never unlinked through it
 
 
 def available() -> bool:
@@ -217,6 +233,8 @@ def release(segments: list[Segment]) -> None:
         if segment.pin:
             _pins.pop(segment.pin, None)
             continue
+        if segment.shared:
+            continue
         try:
             os.unlink(segment.path)
         except FileNotFoundError:
@@ -241,7 +259,8 @@ def segments_of(payload: bytes | memoryview) -> list[Segment]:
 
 
 def wrap(segments: list[Segment], data: bytes) -> bytes:
-    return MARK + pickle.dumps(([tuple(s) for s in segments], data), pickle.HIGHEST_PROTOCOL)
+    return MARK + pickle.dumps(([tuple(s) if s.shared else tuple(s)[:4] for s in segments], data),
+                               pickle.HIGHEST_PROTOCOL)
 
 
 def unwrap(payload: bytes | memoryview, *, unlink_after: bool = False,
@@ -254,11 +273,14 @@ def unwrap(payload: bytes | memoryview, *, unlink_after: bool = False,
     buffers: list[memoryview] = []
     try:
         for segment in segments:
-            buffers.append(hold(segment) if keep and not segment.pin else map_segment(segment))
+            if segment.shared:
+                buffers.append(map_shared(segment))
+            else:
+                buffers.append(hold(segment) if keep and not segment.pin else map_segment(segment))
         return data, buffers
     finally:
         if unlink_after or (keep and len(buffers) < len(segments)):  # a failed hold: drop the rest
-            release([s for s in segments if not s.pin])
+            release([s for s in segments if not s.pin and not s.shared])
 
 
 # -- held segments ----------------------------------------------------------------------------
@@ -398,3 +420,192 @@ def _untouched(address: int, nbytes: int) -> bool:
     """Whether this process never wrote to the range (a private mapping of a segment):
     then it holds exactly what the segment holds."""
     return _pagemap_ok() and _written(address, nbytes) is False
+
+
+# -- shared segments ---------------------------------------------------------------------------
+class _Shared(NamedTuple):
+    path: str
+    start: int  # address of the mapping in this process
+    size: int
+    owner: int  # pid that unlinks it; 0 where it was mapped from a reference
+    mapping: weakref.ref[mmap.mmap]
+
+
+_shared: dict[str, _Shared] = {}  # path → shared segment mapped here, while its mapping lives
+
+
+def free_space() -> int | None:
+    """Bytes free under ``SHM_DIR`` for an unprivileged writer (None: no such directory)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _size(nbytes: int) -> str:
+    amount = float(nbytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024 or unit == "TiB":
+            return f"{nbytes} bytes" if unit == "bytes" else f"{amount:.1f} {unit} ({nbytes} bytes)"
+        amount /= 1024
+    raise AssertionError  # unreachable
+
+
+def _too_big(nbytes: int, free: int | None) -> Exception:
+    from twat_mp.errors import SharedMemoryError
+
+    space = f"has {_size(free)} free" if free is not None else "cannot say how much is free"
+    return SharedMemoryError(
+        f"cannot place {_size(nbytes)} in shared memory: {SHM_DIR} {space}. Free some (a shared "
+        "array is released when its last object is gone), or give the machine more: Docker "
+        "containers get 64 MB by default (docker run --shm-size=8g, or shm_size: 8g in "
+        "docker compose); Kubernetes: an emptyDir volume with medium: Memory at /dev/shm",
+        nbytes, free)
+
+
+def create_shared(nbytes: int) -> memoryview:
+    """A new shared segment of ``nbytes`` zero bytes owned by this process, mapped
+    ``MAP_SHARED`` read-write. Its space is reserved first, so a segment too big for
+    ``SHM_DIR`` raises ``SharedMemoryError`` naming the size and the free space, never a
+    SIGBUS later; so does a missing or read-only ``SHM_DIR``. The segment is unlinked
+    when the returned view's mapping is collected (or at exit)."""
+    from twat_mp.errors import SharedMemoryError
+
+    free = free_space()
+    if free is not None and nbytes > free:
+        raise _too_big(nbytes, free)
+    length = max(nbytes, 1)  # mmap refuses an empty mapping
+    path = f"{SHM_DIR}/{own_name()}-shared-{next(_counter)}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as exc:
+        raise SharedMemoryError(f"cannot place {_size(nbytes)} in shared memory: cannot create a segment in "
+                                f"{SHM_DIR} ({exc.strerror or exc}); twat-mp needs a writable {SHM_DIR} to "
+                                "share data", nbytes, free) from exc
+    try:
+        try:
+            os.posix_fallocate(fd, 0, length)  # ENOSPC now, not SIGBUS on a write later
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, length)  # a filesystem that cannot reserve (free space checked above)
+        mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        os.unlink(path)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG):
+            raise _too_big(nbytes, free_space()) from exc
+        raise SharedMemoryError(f"cannot place {_size(nbytes)} in shared memory at {path}: {exc}",
+                                nbytes, free) from exc
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    _register(path, mapping, os.getpid())
+    return memoryview(mapping)[:nbytes]
+
+
+def _register(path: str, mapping: mmap.mmap, owner: int) -> None:
+    start = _address(mapping)
+    assert start is not None  # a writable mapping
+    _shared[path] = _Shared(path, start, len(mapping), owner, weakref.ref(mapping))
+    weakref.finalize(mapping, _drop_shared, path, owner)
+
+
+def _drop_shared(path: str, owner: int) -> None:
+    """The last object on a shared mapping is gone here (or the interpreter exits)."""
+    entry = _shared.get(path)
+    if entry is not None and entry.mapping() is None:
+        del _shared[path]
+    if owner == os.getpid():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def map_shared(segment: Segment) -> memoryview:
+    """A shared segment's buffer, mapped ``MAP_SHARED`` read-write: from this process's
+    mapping of it where one lives (the owner's own, or an earlier reference's), else by
+    opening its path (kept while an object on it lives)."""
+    entry = _shared.get(segment.path)
+    mapping = entry.mapping() if entry is not None else None
+    if mapping is None or len(mapping) < segment.offset + segment.size:
+        try:
+            fd = os.open(segment.path, os.O_RDWR)
+        except FileNotFoundError as exc:
+            from twat_mp.errors import SharedMemoryError
+
+            raise SharedMemoryError(
+                f"the shared segment {segment.path} was released by the process that made it before this "
+                "process could map it: keep a shared array alive in the process that made it while other "
+                "processes still receive it", segment.size) from exc
+        try:
+            length = max(os.fstat(fd).st_size, segment.offset + segment.size)
+            mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        _register(segment.path, mapping, 0)
+    return memoryview(mapping)[segment.offset:segment.offset + segment.size]
+
+
+def _shared_at(address: int, nbytes: int) -> tuple[_Shared, mmap.mmap] | None:
+    """The live shared segment mapped here that holds ``nbytes`` bytes at ``address``."""
+    for entry in list(_shared.values()):
+        if entry.start <= address and address + nbytes <= entry.start + entry.size:
+            mapping = entry.mapping()
+            if mapping is not None:
+                return entry, mapping
+    return None
+
+
+def is_shared_range(address: int, nbytes: int) -> bool:
+    """Whether ``nbytes`` bytes at ``address`` lie in a shared segment mapped here."""
+    return bool(_shared) and _shared_at(address, nbytes) is not None
+
+
+def shared_view(address: int, nbytes: int) -> memoryview | None:
+    """``nbytes`` bytes at ``address`` as a view of the shared mapping they lie in."""
+    found = _shared_at(address, nbytes) if _shared else None
+    if found is None:
+        return None
+    entry, mapping = found
+    return memoryview(mapping)[address - entry.start:address - entry.start + nbytes]
+
+
+def releases_here(prefix: str | None) -> bool:
+    """Whether payloads made with ``prefix`` are released by this process (tasks it
+    sends), not by another one (a worker's results, released by the caller)."""
+    match = _NAME.match(os.path.basename(prefix)) if prefix else None
+    return match is not None and int(match[1]) == os.getpid()
+
+
+def shared_reference(view: memoryview, *, pin: bool, own: bool = True) -> Segment | None:
+    """A reference to the shared segment ``view`` lies in; None when it lies in none, or
+    when it must be copied: this process owns it and ``own`` is false (the payload is
+    released by another process, a worker's result: the segment could go before the
+    receiver maps it), or another process owns it and has unlinked it already. A
+    reference to a segment of this process is pinned with ``pin`` (the payload is
+    released here), else the sender holds the object while the payload is out."""
+    global bytes_referenced
+    address = _address(view)
+    if address is None and view.nbytes and "numpy" in sys.modules:  # read-only: numpy tells its address
+        address = sys.modules["numpy"].frombuffer(view, dtype="uint8").__array_interface__["data"][0]
+    if address is None:
+        return None
+    found = _shared_at(address, view.nbytes)
+    if found is None:
+        return None
+    entry, mapping = found
+    tag = ""
+    if entry.owner == os.getpid():
+        if not own:
+            return None
+        if pin:
+            tag = f"{entry.owner}-{next(_pin_counter)}"
+            _pins[tag] = mapping
+    elif not os.path.exists(entry.path):
+        return None
+    bytes_referenced += view.nbytes
+    return Segment(entry.path, view.nbytes, address - entry.start, tag, True)
