@@ -474,3 +474,32 @@ def test_a_cuda_tensor_reaches_a_worker_through_cuda_ipc():
         assert pool.submit(cuda_add_one, tensor).result() == "cuda:0"
     torch.cuda.synchronize()
     assert tensor.eq(1).all()
+
+
+def buffer_address(x: np.ndarray) -> tuple[int, int]:
+    return os.getpid(), x.__array_interface__["data"][0]
+
+
+def test_a_worker_keeps_its_mapping_of_a_shared_array_between_tasks():
+    data = shared_array((1 << 18,))  # 2 MiB
+    with ProcessPool(nodes=1) as one:
+        first = one.apply(buffer_address, data)
+        second = one.apply(buffer_address, data)  # no object on the mapping lived in between
+    assert first == second  # same worker, same mapping: its pages were not faulted in again
+
+
+def test_a_kept_mapping_lets_go_once_the_owner_releases_the_segment():
+    with ProcessPool(nodes=1) as one:
+        data = share(np.ones(1 << 18))
+        one.apply(buffer_address, data)
+        path = path_of(data)
+        del data
+        gc.collect()
+        assert not os.path.exists(path)
+        other = shared_array((8,))
+        one.apply(buffer_address, other)  # the next mapping drops the stale one
+        assert one.apply(_kept_paths) == [path_of(other)]
+
+
+def _kept_paths() -> list[str]:
+    return list(shm._kept)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         PoolClosedError,
         RuntimeClosedError,
         SerializationError,
+        SharedMemoryError,
         TaskTimeoutError,
         TwatMPError,
         WorkerCrashedError,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from twat_mp.pipeline import Context, ExecutionMetadata, Node, node
     from twat_mp.pools import AsyncResult, MultiPool, ProcessPool, ThreadPool
     from twat_mp.profiling import Profile, profile
+    from twat_mp.shared import is_shared, share, shared_array, shared_tensor
     from twat_mp.state import WorkerInfo, worker_info, worker_state
 
 _WHERE = {
@@ -58,6 +60,7 @@ _WHERE = {
     "NodeExecutionError": "twat_mp.errors",
     "OpError": "twat_mp.errors",
     "RuntimeClosedError": "twat_mp.errors",
+    "SharedMemoryError": "twat_mp.errors",
     "PoolClosedError": "twat_mp.errors",
     "SerializationError": "twat_mp.errors",
     "TaskTimeoutError": "twat_mp.errors",
@@ -81,6 +84,10 @@ _WHERE = {
     "node": "twat_mp.pipeline",
     "Profile": "twat_mp.profiling",
     "profile": "twat_mp.profiling",
+    "is_shared": "twat_mp.shared",
+    "share": "twat_mp.shared",
+    "shared_array": "twat_mp.shared",
+    "shared_tensor": "twat_mp.shared",
     "AsyncResult": "twat_mp.pools",
     "MultiPool": "twat_mp.pools",
     "ProcessPool": "twat_mp.pools",
@@ -111,6 +118,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosedError",
     "SerializationError",
+    "SharedMemoryError",
     "TaskTimeoutError",
     "ThreadPool",
     "TwatMPError",
@@ -125,6 +133,7 @@ __all__ = [
     "devices",
     "get",
     "imap",
+    "is_shared",
     "main",
     "mmap",
     "node",
@@ -132,6 +141,9 @@ __all__ = [
     "pmap",
     "profile",
     "set_debug_mode",
+    "share",
+    "shared_array",
+    "shared_tensor",
     "shutdown",
     "shutdown_warm_pools",
     "wait",

@@ -179,6 +179,7 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
                 result = run_chunk(fn, mode, items, worker_id, pid, stamp if timeout else None)
             result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
                                 + encode_result(result, setup.shm_prefix))
+            del items, result, frame, body  # hold no task's data (or mapping) while idle
         elif kind == protocol.FUNC:
             load_function(functions, token, body)
         elif kind == protocol.STOP:
