@@ -37,3 +37,19 @@ def _getpid(_: object) -> int:
 @pytest.fixture
 def children_before():
     return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_segment_of_this_run_is_left():
+    """After the whole suite, and once its pools and runtimes are shut down, no
+    shared-memory segment owned by this test process is left in /dev/shm."""
+    yield
+    import gc
+
+    from twat_mp import shutdown
+
+    shutdown()
+    gc.collect()
+    mine = f"twat-mp-{os.getpid()}-"
+    left = [name for name in os.listdir("/dev/shm") if name.startswith(mine)] if os.path.isdir("/dev/shm") else []
+    assert left == [], f"shared-memory segments of this run left behind: {left}"
