@@ -13,7 +13,15 @@ import time
 import pytest
 
 from conftest import wait_gone
-from twat_mp import BrokenPoolError, InitializerError, PoolClosedError, TaskTimeoutError, worker_info, worker_state
+from twat_mp import (
+    BrokenPoolError,
+    InitializerError,
+    PoolClosedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    worker_info,
+    worker_state,
+)
 from twat_mp._engine.dispatcher import Chunk, FnRef, RestartPolicy, SlotSpec
 from twat_mp._engine.jobs import submit_call
 from twat_mp._engine.process import ProcessDispatcher
@@ -399,3 +407,137 @@ def test_a_cancelled_future_never_runs_and_the_pool_goes_on(kind):
         assert all(f.cancelled() for f in queued[1:])
         seen = pool.apply(record, 99)
         assert seen[-2:] == [0, 99]  # the cancelled calls never ran
+
+
+# -- lifecycle events, restart modes, slot initializers, stats (for services) --------------------
+_slot_value: dict[str, object] = {}
+
+
+def remember(value: object) -> None:
+    _slot_value["value"] = value
+
+
+def recall(_: object = None) -> tuple[object, int]:
+    return _slot_value.get("value"), os.getpid()
+
+
+def exit_zero(_: object = None) -> None:
+    os._exit(0)
+
+
+def kill_self(_: object = None) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _replaced(dispatcher, slot: int, pid: int) -> bool:
+    try:
+        return submit_call(dispatcher, recall, (), {}, slot=slot).result(10)[1] != pid
+    except WorkerCrashedError:  # sent to the dying worker before its death was seen
+        return False
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event) -> None:  # on the manager thread: only records
+        with self.lock:
+            self.seen.append(event)
+
+    def kinds(self, slot: int | None = None) -> list[str]:
+        with self.lock:
+            return [e.kind for e in self.seen if slot is None or e.slot == slot]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_slot_initializers_run_per_slot_and_again_in_a_replacement(kind):
+    slots = [SlotSpec(init=(remember, (f"slot {i}",))) for i in range(2)]
+    make = ProcessDispatcher if kind == "process" else ThreadDispatcher
+    dispatcher = make(2, slots=slots)
+    try:
+        if kind == "thread":  # threads share the module: check the call order instead
+            assert submit_call(dispatcher, recall, (), {}, slot=0).result(10)[0] in ("slot 0", "slot 1")
+            return
+        assert [submit_call(dispatcher, recall, (), {}, slot=i).result(10)[0] for i in range(2)] == \
+            ["slot 0", "slot 1"]
+        dispatcher.update_slot(1, SlotSpec(init=(remember, ("slot 1, restored",))))
+        _, pid = submit_call(dispatcher, recall, (), {}, slot=1).result(10)
+        os.kill(pid, signal.SIGKILL)
+        assert not wait_gone({pid})
+        assert wait_for(lambda: _replaced(dispatcher, 1, pid))
+        assert submit_call(dispatcher, recall, (), {}, slot=1).result(10)[0] == "slot 1, restored"
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_lifecycle_events_reach_the_observer_in_order():
+    events = Events()
+    dispatcher = ProcessDispatcher(1, on_event=events)
+    _, pid = submit_call(dispatcher, recall, (), {}).result(10)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: events.kinds().count("started") == 2)
+    dispatcher.close()
+    dispatcher.join(10)
+    assert events.kinds() == ["started", "crashed", "restarting", "started", "stopped"]
+    crashed = events.seen[1]
+    assert crashed.pid == pid and crashed.exitcode == -signal.SIGKILL
+    assert dispatcher.stats[0].crashes == 1 and dispatcher.stats[0].restarts == 1
+
+
+@pytest.mark.timeout(60)
+def test_restart_never_leaves_the_slot_empty_and_fails_its_pinned_work():
+    events = Events()
+    dispatcher = ProcessDispatcher(2, policy=RestartPolicy(restart="never"), on_event=events)
+    try:
+        with pytest.raises(WorkerCrashedError):
+            submit_call(dispatcher, kill_self, (), {}, slot=0).result(10)
+        assert wait_for(lambda: "failed" in events.kinds(0))
+        assert dispatcher.live_slots() == [1]
+        with pytest.raises(WorkerCrashedError):
+            submit_call(dispatcher, recall, (), {}, slot=0).result(10)
+        assert submit_call(dispatcher, recall, (), {}, slot=1).result(10)[1] > 0  # the other slot goes on
+        with pytest.raises(WorkerCrashedError):
+            submit_call(dispatcher, kill_self, (), {}, slot=1).result(10)
+        assert wait_for(lambda: dispatcher.error is not None)
+        assert "every worker slot is gone" in str(dispatcher.error)
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_restart_abnormal_restarts_a_crash_but_not_a_clean_exit():
+    events = Events()
+    dispatcher = ProcessDispatcher(1, policy=RestartPolicy(restart="abnormal"), on_event=events)
+    try:
+        with pytest.raises(WorkerCrashedError):
+            submit_call(dispatcher, kill_self, (), {}).result(10)
+        assert wait_for(lambda: events.kinds().count("started") == 2)
+        with pytest.raises(WorkerCrashedError):
+            submit_call(dispatcher, exit_zero, (), {}).result(10)
+        assert wait_for(lambda: "failed" in events.kinds())
+        assert dispatcher.live_slots() == []
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)
+    with pytest.raises(ValueError, match="restart must be"):
+        RestartPolicy(restart="sometimes")
+
+
+@pytest.mark.timeout(60)
+def test_slot_stats_count_items_latency_and_crashes():
+    dispatcher = ProcessDispatcher(1)
+    try:
+        for _ in range(5):
+            submit_call(dispatcher, recall, (), {}).result(10)
+        stats = dispatcher.stats[0].to_dict()
+        assert stats["calls"] == 5 and stats["chunks"] == 5 and stats["busy_s"] > 0
+        assert 0 < stats["p50_s"] <= stats["p95_s"]
+        assert dispatcher.queue_depth(0) == 0
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)

@@ -70,8 +70,9 @@ def _runner(dispatcher: Dispatcher) -> Callable[..., Any]:
 def submit_calls(dispatcher: Dispatcher, calls: Sequence[Call],
                  done: Callable[[list[Outcome] | BaseException, float], None],
                  post: Callable[[Callable[[], None]], None], *, timeout: float | None = None,
-                 retries: int = 0) -> Chunk:
-    """Run ``calls`` as one chunk. When it is back, ``post`` is handed a function (on the
+                 retries: int = 0, slot: int | None = None, tag: str | None = None) -> Chunk:
+    """Run ``calls`` as one chunk (on worker slot ``slot``, or a worker tagged ``tag``,
+    if given). When it is back, ``post`` is handed a function (on the
     engine's manager thread: ``post`` must only queue it, e.g. for an event loop or a
     completions thread) that unpickles the outcome and calls ``done(outcomes, seconds)``: one outcome per
     call, in order, and the seconds the worker spent on them; or ``done(exception, 0)``
@@ -79,7 +80,7 @@ def submit_calls(dispatcher: Dispatcher, calls: Sequence[Call],
     ``SerializationError`` at once when an argument cannot be pickled."""
     chunk = Chunk(make_fnref(dispatcher, _runner(dispatcher), MODE_STAR), list(calls),
                   lambda c, outcome: post(lambda: _finish(dispatcher, c, outcome, done)),
-                  timeout=timeout, retries=retries)
+                  timeout=timeout, retries=retries, slot=slot, tag=tag)
     encode(dispatcher, chunk)
     dispatcher.submit(chunk)
     return chunk

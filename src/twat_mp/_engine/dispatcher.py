@@ -130,6 +130,34 @@ class Worker:
         return None
 
 
+class SlotStats:
+    """What one worker slot did (the manager's count): items run, chunks lost to a
+    crash or a timeout, crashes and restarts, busy seconds, and the latencies of its
+    last chunks (from sent to answered)."""
+
+    __slots__ = ("busy", "chunks", "crashes", "failures", "items", "latencies", "restarts")
+
+    def __init__(self) -> None:
+        self.items = self.chunks = self.failures = self.crashes = self.restarts = 0
+        self.busy = 0.0
+        self.latencies: collections.deque[float] = collections.deque(maxlen=256)
+
+    def record(self, items: int, seconds: float) -> None:
+        self.items += items
+        self.chunks += 1
+        self.busy += seconds
+        self.latencies.append(seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+
+        def quantile(q: float) -> float | None:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+        return {"calls": self.items, "chunks": self.chunks, "failures": self.failures, "crashes": self.crashes,
+                "restarts": self.restarts, "busy_s": self.busy, "p50_s": quantile(0.5), "p95_s": quantile(0.95)}
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotSpec:
     """How one worker slot is started: extra environment variables for its process,
@@ -138,6 +166,9 @@ class SlotSpec:
 
     env: tuple[tuple[str, str], ...] = ()
     tags: frozenset[str] = frozenset()
+    #: ``(fn, args)``: run in the worker after the pool's initializer, each time the slot
+    #: starts (a service replica's constructor). Process slots pickle it with dill.
+    init: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +187,14 @@ class RestartPolicy:
     backoff: float = 0.0
     max_backoff: float = 30.0
     restart_on_init_failure: bool = False
+    #: "always" (the default), "abnormal" (only after a crash: a signal or a non-zero exit
+    #: code) or "never". A slot that is not restarted stays empty: work pinned to it fails
+    #: with WorkerCrashedError, and the pool breaks once no slot is left.
+    restart: str = "always"
+
+    def __post_init__(self) -> None:
+        if self.restart not in ("always", "abnormal", "never"):
+            raise ValueError(f"restart must be 'always', 'abnormal' or 'never', got {self.restart!r}")
 
     def delay(self, recent: list[float], now: float) -> float | None:
         """Seconds to wait before restarting a slot whose restarts happened at
@@ -168,6 +207,21 @@ class RestartPolicy:
         return float(min(self.max_backoff, self.backoff * 2 ** (len(within) - 1)))
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerEvent:
+    """What happened to a worker slot, for ``Dispatcher(on_event=...)``: ``kind`` is
+    "started", "crashed" (``exitcode``: negative for a signal), "restarting" (``delay``
+    seconds from now), "failed" (the restart policy gave up, or the slot is not
+    restarted: ``reason``) or "stopped" (the whole pool, ``slot`` -1)."""
+
+    kind: str
+    slot: int
+    pid: int | None = None
+    exitcode: int | None = None
+    delay: float = 0.0
+    reason: str = ""
+
+
 class Dispatcher(ABC):
     kind = "?"
     ships_bytes = False  # True where chunks and functions cross a process boundary
@@ -177,12 +231,16 @@ class Dispatcher(ABC):
     stamps_items = False  # workers publish each item's start: timed chunks may queue
 
     def __init__(self, nodes: int, *, slots: Iterable[SlotSpec] | None = None,
-                 policy: RestartPolicy | None = None) -> None:
+                 policy: RestartPolicy | None = None,
+                 on_event: Callable[[WorkerEvent], None] | None = None) -> None:
         self.nodes = nodes
         self.slots = list(slots) if slots is not None else [SlotSpec()] * nodes
         if len(self.slots) != nodes:
             raise ValueError(f"got {len(self.slots)} slot specs for {nodes} workers")
         self.policy = policy or RestartPolicy()
+        self.on_event = on_event  # called on the manager thread: it must only queue
+        self.stats: list[SlotStats] = [SlotStats() for _ in range(nodes)]
+        self._gone: set[int] = set()  # slots not restarted (policy "never"/"abnormal")
         self._pending: collections.deque[Chunk] = collections.deque()  # any worker
         self._pinned: dict[int, collections.deque[Chunk]] = collections.defaultdict(collections.deque)
         self._tagged: dict[str, collections.deque[Chunk]] = collections.defaultdict(collections.deque)
@@ -197,6 +255,7 @@ class Dispatcher(ABC):
         self.item_seconds: dict[int, float] = {}  # function -> seconds per item, last seen
         for slot in range(nodes):
             self._workers[slot] = self._start_worker(slot)  # in the caller: errors surface here
+            self._emit(WorkerEvent("started", slot, self._workers[slot].pid))
         self._thread = threading.Thread(target=self._run, name=f"twat-mp-{self.kind}-manager", daemon=True)
         self._thread.start()
         _track(self)
@@ -218,12 +277,38 @@ class Dispatcher(ABC):
             self.item_seconds.clear()
         self.item_seconds[key] = seconds_per_item
 
+    def update_slot(self, slot: int, spec: SlotSpec) -> None:
+        """Start slot ``slot``'s next worker (a replacement) from ``spec``."""
+        with self._lock:
+            self.slots[slot] = spec
+
+    def live_slots(self) -> list[int]:
+        """The slots that have a worker, or will get one (not given up)."""
+        return [slot for slot in range(self.nodes) if slot not in self._gone]
+
+    def queue_depth(self, slot: int) -> int:
+        """Chunks pinned to ``slot`` not yet sent to its worker."""
+        return len(self._pinned.get(slot, ()))
+
+    def _emit(self, event: WorkerEvent) -> None:
+        if event.kind in ("crashed", "restarting"):
+            self.stats[event.slot].restarts += event.kind == "restarting"
+            self.stats[event.slot].crashes += event.kind == "crashed"
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                exc_type, exc, tb = sys.exc_info()
+                threading.excepthook(threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread())))
+
     def tags(self) -> set[str]:
         return {tag for spec in self.slots for tag in spec.tags}
 
     def submit(self, chunk: Chunk) -> None:
         if chunk.slot is not None and not 0 <= chunk.slot < self.nodes:
             raise ValueError(f"no worker slot {chunk.slot} in a pool of {self.nodes}")
+        if chunk.slot is not None and chunk.slot in self._gone:
+            raise WorkerCrashedError(chunk.shown_items(), chunk.slot, None, None)
         if chunk.tag is not None and chunk.tag not in self.tags():
             raise ValueError(f"no worker has the tag {chunk.tag!r}; tags: {sorted(self.tags())}")
         with self._lock:  # as concurrent.futures: a submit never slips past a terminate
@@ -371,6 +456,7 @@ class Dispatcher(ABC):
                     for chunk in outstanding:
                         if not chunk.cancelled:
                             self._deliver(chunk, error)
+            self._emit(WorkerEvent("stopped", -1))
             logger.debug("{} dispatcher stopped", self.kind)
 
     def _has_pending(self) -> bool:
@@ -439,6 +525,8 @@ class Dispatcher(ABC):
             chunk_id, outcome = value
             chunk = worker.chunks.pop(chunk_id, None)
             now = time.monotonic()
+            if chunk is not None:
+                self.stats[worker.slot].record(len(chunk.items), now - chunk.sent_at)
             if self.in_order:
                 worker.last_duration, worker.started = now - worker.started, now
             if chunk is not None and not chunk.cancelled:
@@ -470,14 +558,18 @@ class Dispatcher(ABC):
             self._queue_for(waiting).appendleft(waiting)  # never started: no retry used
         worker.chunks.clear()
         logger.debug("worker {} (pid {}) ended with {}", worker.slot, worker.pid, exitcode)
+        self.stats[worker.slot].failures += len(started)
+        broken_before = self._broken  # what a restart decision breaks below is not why these died
         if not (self._closing or self._terminating):
+            if not worker.retiring or worker.timed_out:
+                self._emit(WorkerEvent("crashed", worker.slot, worker.pid, exitcode))
             self._schedule_restart(worker, exitcode)
         for chunk in started:
             if chunk.cancelled:
                 continue
             error: BaseException
-            if self._broken is not None:  # e.g. its initializer failed: say that, not "died"
-                error = self._broken
+            if broken_before is not None:  # e.g. its initializer failed: say that, not "died"
+                error = broken_before
             elif worker.timed_out:
                 items = chunk.shown_items()
                 running = worker.running_item() if self.in_order else None
@@ -496,19 +588,42 @@ class Dispatcher(ABC):
     def _schedule_restart(self, worker: Worker, exitcode: int | None) -> None:
         now = time.monotonic()
         recent = self._restarts[worker.slot]
-        if worker.retiring and not worker.timed_out:
-            delay: float | None = 0.0  # a planned exit (max tasks reached) is no failure
+        planned = worker.retiring and not worker.timed_out  # max tasks reached: no failure
+        abnormal = worker.timed_out or exitcode is None or exitcode != 0
+        if not planned and (self.policy.restart == "never"
+                            or (self.policy.restart == "abnormal" and not abnormal)):
+            self._give_up(worker.slot, f"restart={self.policy.restart!r}: slot {worker.slot} is not restarted "
+                                       f"(exit {exitcode})")
+            return
+        if planned:
+            delay: float | None = 0.0
         else:
             delay = self.policy.delay(recent, now)
             recent.append(now)
             del recent[:-64]
         if delay is None:
-            self._broken = BrokenPoolError(
-                f"worker slot {worker.slot} died {len(recent)} times within {self.policy.window:g}s "
-                f"(last exit {exitcode}); the restart policy allows {self.policy.max_restarts}")
+            reason = (f"worker slot {worker.slot} died {len(recent)} times within {self.policy.window:g}s "
+                      f"(last exit {exitcode}); the restart policy allows {self.policy.max_restarts}")
+            self._emit(WorkerEvent("failed", worker.slot, worker.pid, exitcode, reason=reason))
+            self._broken = BrokenPoolError(reason)
             self._terminating = True
             return
+        if not planned:
+            self._emit(WorkerEvent("restarting", worker.slot, worker.pid, exitcode, delay=delay))
         self._restart_due[worker.slot] = now + delay
+
+    def _give_up(self, slot: int, reason: str) -> None:
+        """Leave ``slot`` empty: fail what is pinned to it; break the pool once no slot is left."""
+        self._gone.add(slot)
+        self._emit(WorkerEvent("failed", slot, reason=reason))
+        with self._lock:
+            pinned = list(self._pinned.pop(slot, ()))
+        for chunk in pinned:
+            if not chunk.cancelled:
+                self._deliver(chunk, WorkerCrashedError(chunk.shown_items(), slot, None, None))
+        if len(self._gone) == self.nodes:
+            self._broken = BrokenPoolError(f"every worker slot is gone ({reason})")
+            self._terminating = True
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -518,6 +633,7 @@ class Dispatcher(ABC):
             del self._restart_due[slot]
             try:
                 self._workers[slot] = self._start_worker(slot)
+                self._emit(WorkerEvent("started", slot, self._workers[slot].pid))
             except Exception as exc:
                 self._broken = BrokenPoolError(f"cannot start a replacement worker for slot {slot}: {exc!r}")
                 self._broken.__cause__ = exc

@@ -36,7 +36,7 @@ import multiprocess
 from multiprocess.connection import wait as mp_wait
 
 from twat_mp._engine import protocol, shm
-from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker
+from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker, WorkerEvent
 from twat_mp._engine.protocol import HEADER
 from twat_mp._engine.serialization import dumps_dill, loads
 from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, WorkerSetup, process_worker_main
@@ -219,7 +219,8 @@ class ProcessDispatcher(Dispatcher):
     def __init__(self, nodes: int, *, start_method: str | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: Sequence[Any] = (),
                  slots: Iterable[SlotSpec] | None = None, policy: RestartPolicy | None = None,
-                 concurrency: int = 0, max_tasks: int = 0) -> None:
+                 concurrency: int = 0, max_tasks: int = 0,
+                 on_event: Callable[[WorkerEvent], None] | None = None) -> None:
         self.start_method = start_method or default_start_method()
         self.concurrency = concurrency
         self.max_tasks = max_tasks
@@ -241,7 +242,7 @@ class ProcessDispatcher(Dispatcher):
         self.shm_prefix: str | None = shm.new_prefix() if shm.AVAILABLE else None
         self._fd_lock = threading.Lock()  # the wake pipe closes while callers may write
         try:
-            super().__init__(nodes, slots=slots, policy=policy)
+            super().__init__(nodes, slots=slots, policy=policy, on_event=on_event)
         except BaseException:
             self._stop_all(graceful=False)
             raise
@@ -250,11 +251,13 @@ class ProcessDispatcher(Dispatcher):
         task_r, task_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
         stamp = self._ctx.RawArray("q", 2)  # running item: chunk id, index
-        env = self.slots[slot].env
+        spec = self.slots[slot]
+        env = spec.env
         if self.start_method != "fork":  # the caller's environment as it is now, then the slot's
             env = (*os.environ.items(), *env)
+        slot_init = dumps_dill(spec.init, "slot initializer") if spec.init is not None else None
         setup = WorkerSetup(slot, os.getpid(), self._init_payload, self.shm_prefix, env,
-                            self.concurrency, self.max_tasks)
+                            self.concurrency, self.max_tasks, slot_init)
         target: Callable[..., None] = process_worker_main
         if self.concurrency:
             from twat_mp._engine.async_worker import async_worker_main

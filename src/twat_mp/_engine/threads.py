@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 from multiprocess.dummy import DummyProcess
 
 from twat_mp import state
-from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker
+from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker, WorkerEvent
 from twat_mp._engine.protocol import RemoteError, Stage
 from twat_mp._engine.worker import run_chunk
 
@@ -47,11 +47,12 @@ class ThreadDispatcher(Dispatcher):
 
     def __init__(self, nodes: int, *, initializer: Callable[..., Any] | None = None,
                  initargs: Sequence[Any] = (), slots: Iterable[SlotSpec] | None = None,
-                 policy: RestartPolicy | None = None) -> None:
+                 policy: RestartPolicy | None = None,
+                 on_event: Callable[[WorkerEvent], None] | None = None) -> None:
         self._events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._initializer = initializer
         self._initargs = tuple(initargs)
-        super().__init__(nodes, slots=slots, policy=policy)
+        super().__init__(nodes, slots=slots, policy=policy, on_event=on_event)
 
     def _start_worker(self, slot: int) -> Worker:
         worker = _ThreadWorker(slot)
@@ -63,9 +64,12 @@ class ThreadDispatcher(Dispatcher):
 
     def _thread_main(self, worker: _ThreadWorker) -> None:
         state.enter_thread_worker(worker.slot)
-        if self._initializer is not None:
+        slot_init = self.slots[worker.slot].init
+        for initializer, initargs in ((self._initializer, self._initargs), slot_init or (None, ())):
+            if initializer is None:
+                continue
             try:
-                self._initializer(*self._initargs)
+                initializer(*initargs)
             except Exception as exc:
                 self._events.put(("init_failed", worker, RemoteError.capture(exc)._replace(stage=Stage.INIT)))
                 return

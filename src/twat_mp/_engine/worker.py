@@ -109,7 +109,9 @@ class WorkerSetup:
     """What a worker process needs to start: sent as one argument of the process."""
 
     def __init__(self, worker_id: int, parent_pid: int, init_payload: bytes | None, shm_prefix: str | None,
-                 env: tuple[tuple[str, str], ...] = (), concurrency: int = 0, max_tasks: int = 0) -> None:
+                 env: tuple[tuple[str, str], ...] = (), concurrency: int = 0, max_tasks: int = 0,
+                 slot_init: bytes | None = None) -> None:
+        self.slot_init = slot_init  # the slot's own (fn, args), after the pool's initializer
         self.worker_id = worker_id
         self.parent_pid = parent_pid
         self.init_payload = init_payload
@@ -126,9 +128,11 @@ def start_worker(setup: WorkerSetup, result_w: Any, kind: str) -> bool:
     state.enter_process_worker(setup.worker_id, kind=kind)
     _limit_torch_threads()
     threading.Thread(target=_watch_parent, args=(setup.parent_pid,), daemon=True).start()
-    if setup.init_payload is not None:
+    for payload in (setup.init_payload, setup.slot_init):
+        if payload is None:
+            continue
         try:
-            initializer, initargs = loads(setup.init_payload)
+            initializer, initargs = loads(payload)
             initializer(*initargs)
         except Exception as exc:
             error = RemoteError.capture(exc)._replace(stage=Stage.INIT)
