@@ -203,6 +203,23 @@ class MultiPool(PoolLifecycle):
             self.terminate()
         self.join()
 
+    def stats(self) -> list[dict[str, Any]]:
+        """Per worker slot, as plain dicts: ``calls`` (items run), ``chunks``,
+        ``failures`` (chunks lost to a crash or a timeout), ``crashes``, ``restarts``,
+        ``busy_s``, ``p50_s``/``p95_s`` (latency of its last chunks, sent to answered)
+        and ``queue`` (chunks pinned to it, not yet sent). Empty before the pool opens.
+
+        >>> with ThreadPool(nodes=1) as pool:
+        ...     _ = pool.map(abs, [-1, -2])
+        ...     [(s["slot"], s["calls"]) for s in pool.stats()]
+        [(0, 2)]
+        """
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return []
+        return [{"slot": slot, **stats.to_dict(), "queue": dispatcher.queue_depth(slot)}
+                for slot, stats in enumerate(dispatcher.stats)]
+
     def join(self, timeout: float | None = None) -> None:
         """Wait until the workers have exited (after ``close`` or ``terminate``)."""
         if self._dispatcher is not None:
