@@ -541,3 +541,22 @@ def test_slot_stats_count_items_latency_and_crashes():
     finally:
         dispatcher.terminate()
         dispatcher.join(10)
+
+
+def fail_slot_init() -> None:
+    raise OSError("no model file")
+
+
+@pytest.mark.timeout(60)
+def test_work_waiting_on_a_failing_slot_initializer_gets_the_initializers_error():
+    slots = [SlotSpec(init=(fail_slot_init, ()))]
+    policy = RestartPolicy(max_restarts=1, restart_on_init_failure=True)
+    dispatcher = ProcessDispatcher(1, slots=slots, policy=policy)
+    try:
+        with pytest.raises(BrokenPoolError) as caught:
+            submit_call(dispatcher, recall, (), {}, slot=0).result(20)  # never ran: no WorkerCrashedError
+        assert "initializer failed" in str(caught.value) and "no model file" in str(caught.value)
+        assert isinstance(caught.value.__cause__, InitializerError)
+    finally:
+        dispatcher.terminate()
+        dispatcher.join(10)

@@ -121,6 +121,7 @@ class Worker:
         self.tokens: dict[int, None] = {}  # functions the worker holds, oldest first
         self.timed_out = False
         self.retiring = False  # asked to stop (max tasks reached): gets no more chunks
+        self.init_failed = False  # its initializer raised: it ran nothing
         self.pid: int | None = None
         self.seen: tuple[int, int, float] | None = None  # running item, when first seen
 
@@ -241,6 +242,7 @@ class Dispatcher(ABC):
         self.on_event = on_event  # called on the manager thread: it must only queue
         self.stats: list[SlotStats] = [SlotStats() for _ in range(nodes)]
         self._gone: set[int] = set()  # slots not restarted (policy "never"/"abnormal")
+        self._init_failures: dict[int, BaseException] = {}  # slot -> its last initializer error
         self._pending: collections.deque[Chunk] = collections.deque()  # any worker
         self._pinned: dict[int, collections.deque[Chunk]] = collections.defaultdict(collections.deque)
         self._tagged: dict[str, collections.deque[Chunk]] = collections.defaultdict(collections.deque)
@@ -544,6 +546,8 @@ class Dispatcher(ABC):
     def _on_init_failure(self, worker: Worker, error: RemoteError) -> None:
         failure = error.to_initializer_error(worker.slot, worker.pid)
         if self.policy.restart_on_init_failure:
+            worker.init_failed = True  # it ran none of its chunks: they wait for its replacement
+            self._init_failures[worker.slot] = failure
             self._kill(worker)  # its death is handled (and restarted) as any other
             return
         self._broken = BrokenPoolError(f"the worker initializer failed, so the pool cannot start workers: "
@@ -553,7 +557,7 @@ class Dispatcher(ABC):
 
     def _on_death(self, worker: Worker, exitcode: int | None) -> None:
         del self._workers[worker.slot]
-        started = self._started_chunks(worker)
+        started = [] if worker.init_failed else self._started_chunks(worker)
         for waiting in reversed([c for c in worker.chunks.values() if c not in started]):
             self._queue_for(waiting).appendleft(waiting)  # never started: no retry used
         worker.chunks.clear()
@@ -601,11 +605,15 @@ class Dispatcher(ABC):
             delay = self.policy.delay(recent, now)
             recent.append(now)
             del recent[:-64]
+        init_failure = self._init_failures.pop(worker.slot, None) if worker.init_failed else None
         if delay is None:
             reason = (f"worker slot {worker.slot} died {len(recent)} times within {self.policy.window:g}s "
                       f"(last exit {exitcode}); the restart policy allows {self.policy.max_restarts}")
+            if init_failure is not None:
+                reason += f"; its initializer failed: {init_failure}"
             self._emit(WorkerEvent("failed", worker.slot, worker.pid, exitcode, reason=reason))
             self._broken = BrokenPoolError(reason)
+            self._broken.__cause__ = init_failure
             self._terminating = True
             return
         if not planned:
