@@ -109,7 +109,7 @@ def test_every_error_derives_from_twatmperror_and_keeps_its_builtin_base():
     assert set(twat_mp.errors.__all__) == {
         "BrokenPoolError", "InitializerError", "PoolClosedError", "SerializationError", "TaskTimeoutError",
         "TwatMPError", "WorkerCrashedError", "WorkerError", "OpError", "NodeExecutionError", "RuntimeClosedError",
-        "SharedMemoryError"}
+        "SharedMemoryError", "ResourceError", "ServiceOverloadedError", "ServiceFailedError", "ReplicaCrashedError"}
 
 
 def test_graph_errors_pickle_with_their_fields():

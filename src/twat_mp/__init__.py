@@ -29,8 +29,12 @@ if TYPE_CHECKING:
         NodeExecutionError,
         OpError,
         PoolClosedError,
+        ReplicaCrashedError,
+        ResourceError,
         RuntimeClosedError,
         SerializationError,
+        ServiceFailedError,
+        ServiceOverloadedError,
         SharedMemoryError,
         TaskTimeoutError,
         TwatMPError,
@@ -39,9 +43,11 @@ if TYPE_CHECKING:
     )
     from twat_mp.graph import ObjectRef, Op, Runtime, as_completed, get, op, shutdown, wait
     from twat_mp.hardware import Device, current_device, devices
+    from twat_mp.mesh import Mesh, MeshNode
     from twat_mp.pipeline import Context, ExecutionMetadata, Node, node
     from twat_mp.pools import AsyncResult, MultiPool, ProcessPool, ThreadPool
     from twat_mp.profiling import Profile, profile
+    from twat_mp.services import ServiceEvent, ServiceHandle, deploy, idempotent, replica, runtime, service
     from twat_mp.shared import is_shared, share, shared_array, shared_tensor
     from twat_mp.state import WorkerInfo, worker_info, worker_state
 
@@ -60,6 +66,19 @@ _WHERE = {
     "NodeExecutionError": "twat_mp.errors",
     "OpError": "twat_mp.errors",
     "RuntimeClosedError": "twat_mp.errors",
+    "ReplicaCrashedError": "twat_mp.errors",
+    "ResourceError": "twat_mp.errors",
+    "ServiceFailedError": "twat_mp.errors",
+    "ServiceOverloadedError": "twat_mp.errors",
+    "Mesh": "twat_mp.mesh",
+    "MeshNode": "twat_mp.mesh",
+    "ServiceEvent": "twat_mp.services",
+    "ServiceHandle": "twat_mp.services",
+    "deploy": "twat_mp.services",
+    "idempotent": "twat_mp.services",
+    "replica": "twat_mp.services",
+    "runtime": "twat_mp.services",
+    "service": "twat_mp.services",
     "SharedMemoryError": "twat_mp.errors",
     "PoolClosedError": "twat_mp.errors",
     "SerializationError": "twat_mp.errors",
@@ -106,6 +125,8 @@ __all__ = [
     "Device",
     "ExecutionMetadata",
     "InitializerError",
+    "Mesh",
+    "MeshNode",
     "MultiPool",
     "Node",
     "NodeExecutionError",
@@ -115,9 +136,15 @@ __all__ = [
     "PoolClosedError",
     "ProcessPool",
     "Profile",
+    "ReplicaCrashedError",
+    "ResourceError",
     "Runtime",
     "RuntimeClosedError",
     "SerializationError",
+    "ServiceEvent",
+    "ServiceFailedError",
+    "ServiceHandle",
+    "ServiceOverloadedError",
     "SharedMemoryError",
     "TaskTimeoutError",
     "ThreadPool",
@@ -130,8 +157,10 @@ __all__ = [
     "apmap",
     "as_completed",
     "current_device",
+    "deploy",
     "devices",
     "get",
+    "idempotent",
     "imap",
     "is_shared",
     "main",
@@ -140,6 +169,9 @@ __all__ = [
     "op",
     "pmap",
     "profile",
+    "replica",
+    "runtime",
+    "service",
     "set_debug_mode",
     "share",
     "shared_array",

@@ -19,8 +19,12 @@ __all__ = [
     "NodeExecutionError",
     "OpError",
     "PoolClosedError",
+    "ReplicaCrashedError",
+    "ResourceError",
     "RuntimeClosedError",
     "SerializationError",
+    "ServiceFailedError",
+    "ServiceOverloadedError",
     "SharedMemoryError",
     "TaskTimeoutError",
     "TwatMPError",
@@ -290,6 +294,18 @@ def _dual_class(user_type: type[Exception]) -> type[_RemoteUserError] | None:
     return made
 
 
+def _how_it_ended(exitcode: int | None) -> str:
+    """"signal SIGKILL" for a negative exit code, else "exit code N"."""
+    if exitcode is not None and exitcode < 0:
+        import signal
+
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 class WorkerCrashedError(TwatMPError, RuntimeError):
     """A worker process died (killed, ``os._exit``, segfault, out of memory) while it held
     the items in ``items``. The pool has already replaced the worker."""
@@ -299,17 +315,8 @@ class WorkerCrashedError(TwatMPError, RuntimeError):
         self.worker_id = worker_id
         self.pid = pid
         self.exitcode = exitcode
-        if exitcode is not None and exitcode < 0:
-            import signal
-
-            try:
-                how = f"signal {signal.Signals(-exitcode).name}"
-            except ValueError:
-                how = f"signal {-exitcode}"
-        else:
-            how = f"exit code {exitcode}"
         super().__init__(
-            f"worker {worker_id} (pid {pid}) died with {how} while running items {_short(items)}; "
+            f"worker {worker_id} (pid {pid}) died with {_how_it_ended(exitcode)} while running items {_short(items)}; "
             "the pool replaced it. Pass retries=N to re-run the items of a dead worker."
         )
 
@@ -430,3 +437,41 @@ class SharedMemoryError(TwatMPError, MemoryError):
         super().__init__(message)
         self.size = size
         self.free = free
+
+
+class ResourceError(TwatMPError, RuntimeError):
+    """A service asks for more than the mesh has: ``need`` of ``resource`` ("gpus" or
+    "cpus") against ``capacity``."""
+
+    def __init__(self, message: str, need: int = 0, capacity: int = 0, resource: str = "") -> None:
+        super().__init__(message)
+        self.need, self.capacity, self.resource = need, capacity, resource
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.need, self.capacity, self.resource))
+
+
+class ServiceOverloadedError(TwatMPError, RuntimeError):
+    """A service's queue is full and the call was made with ``block=False``."""
+
+
+class ServiceFailedError(TwatMPError, RuntimeError):
+    """A service can no longer take calls: its replicas crashed more often than its
+    restart strategy allows (``max_restarts`` within ``within_s``), or it was shut down.
+    ``__cause__`` says what broke it."""
+
+
+class ReplicaCrashedError(TwatMPError, RuntimeError):
+    """The replica running a call crashed (its process died) and the call is not
+    idempotent, so it was not re-run. Names the ``replica``, its ``pid`` and how it
+    ended (``exitcode``: negative for a signal)."""
+
+    def __init__(self, service: str, replica: int, pid: int | None, exitcode: int | None, call: str = "") -> None:
+        self.service, self.replica, self.pid, self.exitcode, self.call = service, replica, pid, exitcode, call
+        how = _how_it_ended(exitcode)
+        super().__init__(f"replica {replica} of service {service!r} (pid {pid}) died with {how} while running "
+                         f"{call or 'a call'}; the call was not re-run (mark the method or service idempotent=True "
+                         "to re-run it on a live replica)")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.service, self.replica, self.pid, self.exitcode, self.call))

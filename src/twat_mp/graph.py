@@ -166,6 +166,33 @@ class _BoundOp:
         return f"<bound op {self.op.name} of {self.instance!r}>"
 
 
+class ExternalOp(Op):
+    """An op whose tasks another layer runs (a service's method): when a task is ready,
+    the runtime calls ``start(runtime, ref, args, kwargs)`` on its loop thread, and that
+    layer later calls ``runtime.settle(ref, ok, value)`` there (``runtime.post`` from
+    other threads). Dependencies, failures, hooks and profiles work as for any op."""
+
+    def __init__(self, name: str) -> None:  # no function of its own: no checks of one
+        self.fn = self._not_callable
+        self.kind = "external"
+        self.name = name
+        self.retries = 0
+        self.timeout = None
+        self.nodes = None
+
+    def _not_callable(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{self.name} runs only as a task: use .go()")
+
+    def start(self, runtime: Runtime, ref: ObjectRef, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"{self.name} cannot be pickled: it lives in the process that made it")
+
+    def __repr__(self) -> str:
+        return f"<external op {self.name}>"
+
+
 def _name_of(fn: Any) -> str:
     return str(getattr(fn, "__name__", None) or type(fn).__name__)
 
@@ -535,6 +562,8 @@ class Runtime:
         self._thread.start()
         started.wait()
         self._token: contextvars.Token[Runtime | None] | None = None
+        self._enter_hooks: list[Callable[[], Any]] = []
+        self._closers: list[Callable[[], Any]] = []
         _live.add(self)
 
     def _serve(self, started: threading.Event) -> None:
@@ -551,7 +580,21 @@ class Runtime:
     def __enter__(self) -> Runtime:
         self._check_open()
         self._token = _current.set(self)
+        try:
+            for hook in self._enter_hooks:
+                hook()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    def on_enter(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` when a ``with`` block of this runtime starts (services deploy)."""
+        self._enter_hooks.append(fn)
+
+    def on_shutdown(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` first thing when this runtime shuts down (services stop)."""
+        self._closers.append(fn)
 
     def __exit__(self, *exc: Any) -> None:
         if self._token is not None:
@@ -721,7 +764,16 @@ class Runtime:
         fn = ref._op
         kind = fn.kind
         kind = self._kind_map.get(kind, kind)
-        if kind == "inline":
+        if kind == "external":  # another layer runs it (a service): it calls settle() when done
+            ref._state = RUNNING
+            if ref._times is not None:
+                ref._times.append(time.perf_counter())
+            try:
+                args, kwargs = self._arguments(ref)
+                fn.start(self, ref, args, kwargs)  # type: ignore[attr-defined]
+            except Exception as exc:
+                self._fail(ref, exc)
+        elif kind == "inline":
             ref._state = RUNNING
             if ref._times is not None:
                 ref._times.append(time.perf_counter())
@@ -886,6 +938,23 @@ class Runtime:
         return dispatcher, dispatcher.nodes
 
     # -- outcomes (loop thread) ----------------------------------------------------------------------
+    def settle(self, ref: ObjectRef, ok: bool, value: Any) -> None:
+        """Finish a task run by another layer (an external op): its value, or its
+        exception when ``ok`` is false. On the loop thread; elsewhere use ``post``."""
+        if ok:
+            self._complete(ref, value)
+        else:
+            self._fail(ref, value)
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the runtime's loop thread, soon (from any thread)."""
+        self._post(fn)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The runtime's event loop (its own thread runs it)."""
+        return self._loop
+
     def _complete(self, ref: ObjectRef, value: Any) -> None:
         if ref._state >= DONE:
             return
@@ -975,6 +1044,16 @@ class Runtime:
     def shutdown(self, wait: bool = True) -> None:
         """Stop the runtime: tasks not finished fail with ``RuntimeClosedError`` (running
         ones are abandoned), its pools and threads stop. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            closers, self._closers = self._closers, []
+        for close in reversed(closers):  # services first, while the loop still runs
+            try:
+                close()
+            except Exception as exc:
+                threading.excepthook(threading.ExceptHookArgs((type(exc), exc, exc.__traceback__,
+                                                               threading.current_thread())))
         with self._lock:
             if self._closed:
                 return
