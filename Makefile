@@ -65,11 +65,12 @@ demo: $(CORE_STAMP)
 bench: $(STAMP)
 	@wheel=$$(ls ../shared/peers/thinkagain-0.3.0-*.whl 2>/dev/null | head -n 1); \
 	if [ -n "$$wheel" ]; then $(BIN)/pip install --quiet "$$wheel"; \
-	else echo "note: no ThinkAgain 0.3.0 wheel in ../shared/peers/: benchmarks/graph.py skips its rows"; fi
+	else echo "note: no ThinkAgain 0.3.0 wheel in ../shared/peers/: benchmarks/graph.py and benchmarks/services.py skip their rows"; fi
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/graph.py
 	$(BIN)/python benchmarks/devices.py
+	$(BIN)/python benchmarks/services.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
