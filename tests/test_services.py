@@ -378,3 +378,75 @@ def test_deploy_many_and_bad_options():
         service(replica=2)(Counter)
     with pytest.raises(AttributeError, match="no method"):
         make(executor="thread").init().nope  # noqa: B018
+
+
+def test_transient_replicas_restart_after_a_crash_but_not_after_a_clean_exit(handles):
+    @service(executor="process", replicas=2, restart="transient", backoff_s=0.01)
+    class Exiting:
+        def pid(self):
+            return os.getpid()
+
+        def crash(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def leave(self):
+            os._exit(0)
+
+    handle = Exiting.init()
+    handles.append(handle)
+    events = []
+    handle.on_event(lambda e: events.append((e.replica, e.kind)))
+    with pytest.raises(ReplicaCrashedError):
+        handle.crash()
+    get([handle.pid.go() for _ in range(10)])
+    with pytest.raises(ReplicaCrashedError):
+        handle.leave()
+    deadline = time.monotonic() + 10
+    while [row["alive"] for row in handle.stats()].count(True) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [row["alive"] for row in handle.stats()].count(True) == 1  # the clean exit was not restarted
+    assert handle.pid() > 0
+
+
+def test_awaiting_a_full_service_waits_without_blocking_the_loop(handles):
+    gate = threading.Event()
+
+    @service(executor="thread", max_concurrency=1, queue_limit=1)
+    class Slow:
+        def wait(self):
+            return gate.wait(30)
+
+    handle = Slow.init()
+    handles.append(handle)
+    held = [handle.wait.go(), handle.wait.go()]  # full
+
+    async def main():
+        ticks = 0
+        waiting = asyncio.ensure_future(handle.wait())
+        while not waiting.done() and ticks < 20:  # the loop keeps running meanwhile
+            await asyncio.sleep(0.01)
+            ticks += 1
+        gate.set()
+        return await waiting, ticks
+
+    value, ticks = asyncio.run(main())
+    assert value is True and ticks == 20
+    assert get(held) == [True, True]
+
+
+def test_mesh_nodes_and_bad_meshes():
+    from twat_mp import MeshNode
+    from twat_mp.mesh import current_mesh
+
+    cpu = devices("cpu")[0]
+    mesh = Mesh([MeshNode((cpu,), name="here")])
+    assert mesh.devices == [cpu] and mesh.gpus == [] and mesh.cpus == cpu.capacity
+    with mesh:
+        assert current_mesh() is mesh
+    assert current_mesh(gpus=False).cpus == cpu.capacity
+    with pytest.raises(TypeError, match="Device and MeshNode"):
+        Mesh(["cpu"])
+    with pytest.raises(ValueError, match="at least one device"):
+        Mesh([])
+    with pytest.raises(TypeError, match="Device objects"):
+        MeshNode(("cuda:0",))
