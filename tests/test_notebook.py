@@ -522,3 +522,51 @@ def test_refs_in_notebook_cells_without_await(kernel_name, tmp_path):
     assert result["after_shutdown"] == 49
     assert run.kernel_pid not in result["graph_pids"]
     assert_nothing_left(run)
+
+
+SERVICE_CELLS = [
+    cell("""
+        import os
+        from twat_mp import service, shutdown
+
+        class CellError(Exception):
+            pass
+
+        @service(replicas=2, executor="process")
+        class Model:
+            def __init__(self, k):
+                self.k = k
+            def predict(self, x):
+                if x < 0:
+                    raise CellError(f"negative {x}")
+                return self.k * x
+            def pid(self):
+                return os.getpid()
+
+        model = Model.init(3)
+    """),
+    cell("""
+        emit(direct=model.predict(2), refs=[r.result(timeout=60) for r in [model.predict.go(i) for i in range(4)]],
+             service_pids=sorted({model.pid() for _ in range(20)}))
+    """),
+    cell("""
+        emit(awaited=await model.predict(5))
+    """),
+    cell("""
+        try:
+            model.predict(-1)
+        except CellError as exc:
+            emit(caught=str(exc))
+        shutdown()
+        emit(status=model.status)
+    """),
+]
+
+
+def test_a_service_class_defined_in_a_cell(kernel_name, tmp_path):
+    run = run_notebook(SERVICE_CELLS, kernel_name, tmp_path)
+    result = run.results
+    assert result["direct"] == 6 and result["refs"] == [0, 3, 6, 9] and result["awaited"] == 15
+    assert result["caught"].startswith("negative -1") and result["status"] == "stopped"
+    assert run.kernel_pid not in result["service_pids"]
+    assert_nothing_left(run)

@@ -105,6 +105,21 @@ def test_a_direct_call_is_awaitable_in_async_code(handles):
 
     assert asyncio.run(main()) == [1, 2]
 
+    async def gathered():  # through a generator expression and a lambda: still awaitables
+        first = await asyncio.gather(*(handle.add(1) for _ in range(3)))
+        second = await (lambda: handle.add(10))()
+        return sorted(first), second
+
+    assert asyncio.run(gathered()) == ([3, 4, 5], 15)
+
+    def sync_helper():  # sync code gets the value, even while a loop runs in its thread
+        return handle.add(100)
+
+    async def calls_sync_helper():
+        return sync_helper()
+
+    assert asyncio.run(calls_sync_helper()) == 115
+
 
 def test_service_refs_compose_with_ops(handles):
     handle = make(executor="thread").init(0)

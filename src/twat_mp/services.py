@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -237,7 +238,8 @@ class _MethodOp(ExternalOp):
 
 class ServiceMethod:
     """``handle.method``: ``.go(...)`` gives an ObjectRef; calling it returns the value
-    from sync code, and an awaitable from async code (a loop running in this thread)."""
+    from sync code (a plain notebook cell too), and an awaitable from async code (an
+    ``async def``, or a notebook cell that uses top-level ``await``)."""
 
     def __init__(self, handle: ServiceHandle, name: str) -> None:
         self.handle = handle
@@ -256,11 +258,9 @@ class ServiceMethod:
             raise
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return self.go(*args, **kwargs).result()
-        return self._acall(args, kwargs)
+        if _called_from_async_code(sys._getframe(1)):
+            return self._acall(args, kwargs)
+        return self.go(*args, **kwargs).result()
 
     async def _acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         handle = self.handle
@@ -701,6 +701,26 @@ class ServiceHandle:
         replica.busy += replica.latencies[-1]
         self._settle(call, *outcome)
         self._pump()
+
+
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_NESTED = ("<genexpr>", "<listcomp>", "<setcomp>", "<dictcomp>", "<lambda>")
+
+
+def _called_from_async_code(frame: Any) -> bool:
+    """Whether a direct call should give an awaitable: the code calling it (seen through
+    comprehensions and lambdas) is an ``async def`` or a notebook cell with top-level
+    ``await``, running on an event loop. A plain notebook cell (its loop runs too) and
+    any sync code get the value."""
+    while frame is not None and frame.f_code.co_name in _NESTED and not frame.f_code.co_flags & _ASYNC_FLAGS:
+        frame = frame.f_back
+    if frame is None or not frame.f_code.co_flags & _ASYNC_FLAGS:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _short(args: tuple[Any, ...]) -> str:
