@@ -586,8 +586,12 @@ class ServiceHandle:
             if best is None:
                 break
             call = queue.popleft()
-            best.outbox.append(call)
             best.in_flight += 1
+            if self.options.executor == "async":  # on this loop already: start it now, no batching
+                call.sent_at = time.perf_counter()
+                self._runtime_for_calls().loop.create_task(self._run_async(best, call))
+                continue
+            best.outbox.append(call)
         if not self._flush_pending and any(r.outbox for r in self._replicas):
             self._flush_pending = True
             self._runtime_for_calls().loop.call_soon(self._flush)
@@ -601,11 +605,7 @@ class ServiceHandle:
                 continue
             for call in calls:
                 call.sent_at = now
-            if self.options.executor == "async":
-                for call in calls:
-                    self._runtime_for_calls().loop.create_task(self._run_async(replica, call))
-            else:
-                self._send(replica, calls)
+            self._send(replica, calls)
 
     def _send(self, replica: _Replica, calls: list[_Call]) -> None:
         from twat_mp._engine.calls import submit_calls
