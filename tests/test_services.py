@@ -465,3 +465,29 @@ def test_mesh_nodes_and_bad_meshes():
         Mesh([])
     with pytest.raises(TypeError, match="Device objects"):
         MeshNode(("cuda:0",))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDA device here")
+def test_gpu_replicas_are_pinned_one_gpu_each(handles):
+    @service(replicas=1, gpus=1, executor="process")
+    class OnGPU:
+        def where(self):
+            import torch
+
+            from twat_mp import current_device
+
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), str(current_device()), torch.cuda.device_count()
+
+    handle = OnGPU.init()
+    handles.append(handle)
+    visible, device, count = handle.where()
+    assert visible == str(devices("cuda")[0].index) and device == "cuda:0" and count == 1
