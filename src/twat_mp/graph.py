@@ -547,7 +547,6 @@ class Runtime:
         self._batches: dict[tuple[str, int | None], list[ObjectRef]] = {}
         self._flush_pending = False
         self._pools: dict[tuple[str, int | None], Any] = {}
-        self._item_seconds: dict[int, float] = {}  # learned per op (by id): seconds an item takes
         self._watched: set[ObjectRef] = set()  # unfinished refs someone waits on or has callbacks on
         self._running: set[asyncio.Task[Any]] = set()
         self._callback_thread = _CallbackThread(f"twat-mp-{self.name}-callbacks")
@@ -865,15 +864,15 @@ class Runtime:
                 if ref._op.timeout is None:
                     by_retries.setdefault(ref._op.retries, []).append(ref)
             for retries, group in by_retries.items():
-                size = self._chunk_size(group, workers)
+                size = self._chunk_size(dispatcher, group, workers)
                 for start in range(0, len(group), size):
                     self._send(dispatcher, group[start:start + size], None, retries)
 
-    def _chunk_size(self, refs: list[ObjectRef], workers: int) -> int:
+    def _chunk_size(self, dispatcher: Any, refs: list[ObjectRef], workers: int) -> int:
         even = math.ceil(len(refs) / workers)
         slowest = 0.0
         for ref in refs[:64]:
-            seconds = self._item_seconds.get(id(ref._op.fn))
+            seconds = dispatcher.item_seconds.get(id(ref._op.fn))  # learned by the engine's pool
             if seconds is None:  # not seen yet: four chunks a worker, as a map starts
                 return max(1, math.ceil(len(refs) / (workers * 4)))
             slowest = max(slowest, seconds)
@@ -891,20 +890,20 @@ class Runtime:
             if ref._times is not None:
                 ref._times.append(now)
         try:
-            submit_calls(dispatcher, calls, lambda outcome, elapsed: self._landed(refs, outcome, elapsed),
+            submit_calls(dispatcher, calls, functools.partial(self._landed, dispatcher, refs),
                          self._post, timeout=timeout, retries=retries)
         except Exception as exc:
             for ref in refs:
                 self._fail(ref, exc)
 
-    def _landed(self, refs: list[ObjectRef], outcome: Any, elapsed: float) -> None:
+    def _landed(self, dispatcher: Any, refs: list[ObjectRef], outcome: Any, elapsed: float) -> None:
         if isinstance(outcome, BaseException):
             for ref in refs:
                 self._fail(ref, outcome)
             return
         each = elapsed / len(refs) if refs else 0.0
         if refs:
-            self._item_seconds[id(refs[0]._op.fn)] = each
+            dispatcher.remember_cost(id(refs[0]._op.fn), each)
         if profiling.active:  # a batch is timed as a whole: give each task its share
             now = time.perf_counter()
             for ref in refs:

@@ -219,6 +219,7 @@ class _Replica:
         self.busy = 0.0
         self.latencies: collections.deque[float] = collections.deque(maxlen=512)
         self.checkpoint: Any = _NO_CHECKPOINT
+        self.history: list[float] = []  # when an async replica was restarted
         # async executor: the instance, and a thread for its sync methods
         self.instance: Any = None
         self.thread: concurrent.futures.ThreadPoolExecutor | None = None
@@ -438,7 +439,7 @@ class ServiceHandle:
     # -- starting ---------------------------------------------------------------------------------
     def _start(self, rt: Runtime) -> None:
         from twat_mp import hardware
-        from twat_mp._engine.dispatcher import RestartPolicy, SlotSpec
+        from twat_mp._engine.dispatcher import SlotSpec
         from twat_mp.mesh import current_mesh
 
         opts = self.options
@@ -449,8 +450,7 @@ class ServiceHandle:
             self._runtime = rt
             rt.call_on_loop(self._start_async_replicas)
             return
-        policy = RestartPolicy(max_restarts=opts.max_restarts, window=opts.within_s, backoff=opts.backoff_s,
-                               restart_on_init_failure=True, restart=STRATEGIES[opts.restart])
+        policy = self._policy()
         threads = opts.cpus or hardware.thread_share(opts.replicas, None)
         slots = [SlotSpec(env=hardware.slot_env(device, threads) if opts.executor != "thread" else (),
                           tags=frozenset([str(device)]) if device is not None else frozenset(),
@@ -498,23 +498,29 @@ class ServiceHandle:
         self._pump()
 
     def _async_crashed(self, replica: _Replica, exc: BaseException) -> None:
+        """An async replica's ``__init__`` raised: restart it as the engine restarts a
+        worker slot, by the same restart policy (its limit and backoff)."""
         replica.alive = False
-        opts = self.options
         now = time.monotonic()
-        history = getattr(replica, "history", [])
-        history = [t for t in history if now - t <= opts.within_s]
-        if opts.restart == "temporary" or len(history) >= opts.max_restarts:
+        policy = self._policy()
+        delay = None if policy.restart != "always" else policy.delay(replica.history, now)
+        if delay is None:
             self._emit(replica.index, "failed", detail=str(exc))
             if not any(r.alive for r in self._replicas):
                 self._service_failed(ServiceFailedError(f"service {self.name}: every replica failed"), exc)
             return
-        history.append(now)
-        replica.history = history  # type: ignore[attr-defined]
+        replica.history.append(now)
         replica.restarts += 1
-        delay = min(30.0, opts.backoff_s * 2 ** (len(history) - 1))
         self._emit(replica.index, "restarting", detail=f"in {delay:.3g}s")
-        rt = self._runtime_for_calls()
-        rt.loop.call_later(delay, self._construct_async, replica)
+        self._runtime_for_calls().loop.call_later(delay, self._construct_async, replica)
+
+    def _policy(self) -> Any:
+        """The restart policy of this service's replicas (the engine's)."""
+        from twat_mp._engine.dispatcher import RestartPolicy
+
+        opts = self.options
+        return RestartPolicy(max_restarts=opts.max_restarts, window=opts.within_s, backoff=opts.backoff_s,
+                             restart_on_init_failure=True, restart=STRATEGIES[opts.restart])
 
     # -- events (loop thread) ---------------------------------------------------------------------
     def _emit(self, replica: int, kind: str, pid: int | None = None, exitcode: int | None = None,
