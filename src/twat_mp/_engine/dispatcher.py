@@ -593,7 +593,7 @@ class Dispatcher(ABC):
         now = time.monotonic()
         recent = self._restarts[worker.slot]
         planned = worker.retiring and not worker.timed_out  # max tasks reached: no failure
-        abnormal = worker.timed_out or exitcode is None or exitcode != 0
+        abnormal = worker.timed_out or worker.init_failed or exitcode is None or exitcode != 0
         if not planned and (self.policy.restart == "never"
                             or (self.policy.restart == "abnormal" and not abnormal)):
             self._give_up(worker.slot, f"restart={self.policy.restart!r}: slot {worker.slot} is not restarted "
@@ -611,27 +611,35 @@ class Dispatcher(ABC):
                       f"(last exit {exitcode}); the restart policy allows {self.policy.max_restarts}")
             if init_failure is not None:
                 reason += f"; its initializer failed: {init_failure}"
-            self._emit(WorkerEvent("failed", worker.slot, worker.pid, exitcode, reason=reason))
-            self._broken = BrokenPoolError(reason)
+            self._broken = BrokenPoolError(reason)  # before the event: observers read dispatcher.error
             self._broken.__cause__ = init_failure
             self._terminating = True
+            self._emit(WorkerEvent("failed", worker.slot, worker.pid, exitcode, reason=reason))
             return
         if not planned:
             self._emit(WorkerEvent("restarting", worker.slot, worker.pid, exitcode, delay=delay))
         self._restart_due[worker.slot] = now + delay
 
     def _give_up(self, slot: int, reason: str) -> None:
-        """Leave ``slot`` empty: fail what is pinned to it; break the pool once no slot is left."""
+        """Leave ``slot`` empty: fail what is pinned to it (with its initializer's error if
+        that is why); break the pool once no slot is left."""
         self._gone.add(slot)
+        init_failure = self._init_failures.pop(slot, None)
+        if init_failure is not None:
+            reason += f"; its initializer failed: {init_failure}"
+        if len(self._gone) == self.nodes:  # before the event: observers read dispatcher.error
+            self._broken = BrokenPoolError(f"every worker slot is gone ({reason})")
+            self._broken.__cause__ = init_failure
+            self._terminating = True
         self._emit(WorkerEvent("failed", slot, reason=reason))
         with self._lock:
             pinned = list(self._pinned.pop(slot, ()))
         for chunk in pinned:
             if not chunk.cancelled:
-                self._deliver(chunk, WorkerCrashedError(chunk.shown_items(), slot, None, None))
-        if len(self._gone) == self.nodes:
-            self._broken = BrokenPoolError(f"every worker slot is gone ({reason})")
-            self._terminating = True
+                error: BaseException = WorkerCrashedError(chunk.shown_items(), slot, None, None)
+                if self._broken is not None:
+                    error = self._broken
+                self._deliver(chunk, error)
 
     def _start_due(self) -> None:
         now = time.monotonic()

@@ -199,11 +199,13 @@ class _ProcessWorker(Worker):
         self.stamp = memoryview(stamp).cast("B").cast("q")
         self.queue_budget = max(MIN_QUEUE_BYTES, pipe_bytes // 2)
         self.items_held = 0  # items of the chunks it holds (async workers)
+        self.released = False
 
     def running_item(self) -> tuple[int, int] | None:
         return self.stamp[0], self.stamp[1]
 
     def release(self) -> None:
+        self.released = True  # dead and reaped: nothing of it may be used any more
         for conn in (self.task_w, self.result_r):
             conn.close()
         try:
@@ -399,10 +401,11 @@ class ProcessDispatcher(Dispatcher):
 
     def _kill(self, worker: Worker) -> None:
         assert isinstance(worker, _ProcessWorker)
-        worker.proc.kill()
+        if not worker.released:  # one that died in the same wait was released already
+            worker.proc.kill()
 
     def _stop_all(self, graceful: bool) -> None:
-        workers = [w for w in self._workers.values() if isinstance(w, _ProcessWorker)]
+        workers = [w for w in self._workers.values() if isinstance(w, _ProcessWorker) and not w.released]
         self._workers.clear()
         if graceful:
             for w in workers:
