@@ -612,3 +612,42 @@ def test_timeouts_of_thread_and_async_process_ops(rt):
         assert add_thread.go(1, 1).result() == 2 and add_async_process.go(1, 2).result() == 3
     finally:
         release.set()
+
+
+def test_an_awaiter_that_gave_up_and_closed_its_loop_breaks_nothing(rt):
+    gate = threading.Event()
+
+    @op(kind="thread")
+    def slow():
+        gate.wait(30)
+        return 1
+
+    first = slow.go()
+    after = add_inline.go(first, 1)
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first, 0.05)
+
+    asyncio.run(impatient())  # its loop is closed now
+    gate.set()
+    assert after.result(timeout=10) == 2 and first._waiters is None
+
+
+def test_timed_out_waits_leave_no_waiter_behind(rt):
+    gate = threading.Event()
+
+    @op(kind="thread")
+    def slow():
+        gate.wait(30)
+
+    ref = slow.go()
+    for _ in range(20):
+        with pytest.raises(TimeoutError):
+            ref.result(timeout=0.001)
+    wait([ref], timeout=0.001)
+    with pytest.raises(TimeoutError):
+        list(as_completed([ref], timeout=0.001))
+    assert not ref._waiters
+    gate.set()
+    ref.result(timeout=10)

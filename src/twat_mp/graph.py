@@ -366,8 +366,10 @@ class ObjectRef:
                         future.set_result(None)
             else:
                 def wake(_: ObjectRef) -> None:
-                    loop.call_soon_threadsafe(_set_if_pending, future)
+                    if not loop.is_closed():  # an awaiter that gave up may have closed its loop
+                        loop.call_soon_threadsafe(_set_if_pending, future)
             if rt._add_waiter(self, wake):
+                future.add_done_callback(functools.partial(_forget_if_cancelled, rt, self, wake))
                 yield from future.__await__()
         return self._outcome()
 
@@ -393,7 +395,9 @@ class ObjectRef:
                 f"ref.result() of {self._op.name}#{self._id} was called on the runtime's own event loop "
                 "(inside an async or inline op), where it would wait forever: use `await ref` there")
         event = threading.Event()
-        if rt._add_waiter(self, lambda _: event.set()) and not event.wait(timeout):
+        wake = _event_setter(event)
+        if rt._add_waiter(self, wake) and not event.wait(timeout):
+            rt._remove_waiter(self, wake)
             raise TimeoutError(f"task {self._op.name}#{self._id} was not done after {timeout}s "
                                f"(it is {_STATE_NAMES[self._state]})")
 
@@ -404,6 +408,16 @@ class ObjectRef:
 
     def __repr__(self) -> str:
         return f"<ObjectRef {self._op.name}#{self._id} {_STATE_NAMES[self._state]}>"
+
+
+def _forget_if_cancelled(rt: Runtime, ref: ObjectRef, wake: Callable[[ObjectRef], None],
+                         future: asyncio.Future[Any]) -> None:
+    if future.cancelled():  # the awaiter gave up (wait_for timed out, its task was cancelled)
+        rt._remove_waiter(ref, wake)
+
+
+def _event_setter(event: threading.Event) -> Callable[[ObjectRef], None]:
+    return lambda _: event.set()
 
 
 def _set_if_pending(future: asyncio.Future[Any]) -> None:
@@ -725,7 +739,11 @@ class Runtime:
                     logger.debug("twat-mp graph: admitting {} failed: {!r}", item, exc)
                     self._fail(item, exc)
             else:
-                item()
+                try:
+                    item()
+                except Exception as exc:  # one broken hand-off must not drop the rest of the inbox
+                    threading.excepthook(threading.ExceptHookArgs((type(exc), exc, exc.__traceback__,
+                                                                   threading.current_thread())))
 
     def _admit(self, ref: ObjectRef) -> None:
         if ref._state != PENDING:  # cancelled before it was admitted
@@ -1020,6 +1038,13 @@ class Runtime:
         self._fail(ref, error, CANCELLED)
         return True
 
+    def _remove_waiter(self, ref: ObjectRef, wake: Callable[[ObjectRef], None]) -> None:
+        """Forget a waiter that stopped waiting (a timeout, a cancelled await)."""
+        with self._lock:
+            waiters = ref._waiters
+            if waiters is not None and wake in waiters:
+                waiters.remove(wake)
+
     def _add_waiter(self, ref: ObjectRef, wake: Callable[[ObjectRef], None]) -> bool:
         """Register ``wake`` for when ``ref`` finishes; False if it already has (or can
         never, its runtime being shut down)."""
@@ -1191,15 +1216,24 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1,
         raise ValueError(f"num_returns must be an int between 0 and len(refs)={len(refs)}, got {num_returns!r}")
     arrived = threading.Semaphore(0)
     count = 0
+
+    def wake(_: ObjectRef) -> None:
+        arrived.release()
+
+    registered = []
     for ref in refs:
-        if ref.done() or not ref._rt._add_waiter(ref, lambda r: arrived.release()):
+        if ref.done() or not ref._rt._add_waiter(ref, wake):
             count += 1
+        else:
+            registered.append(ref)
     deadline = None if timeout is None else time.monotonic() + timeout
     while count < num_returns:
         remaining = None if deadline is None else deadline - time.monotonic()
         if (remaining is not None and remaining <= 0) or not arrived.acquire(timeout=remaining):
             break
         count += 1
+    for ref in registered:  # those still pending keep no waiter of ours
+        ref._rt._remove_waiter(ref, wake)
     done_ids = {id(ref) for ref in refs if ref.done()}
     done = [ref for ref in refs if id(ref) in done_ids][:num_returns]
     chosen = {id(ref) for ref in done}
@@ -1213,18 +1247,23 @@ def as_completed(refs: Iterable[ObjectRef], timeout: float | None = None) -> Ite
     arrived: collections.deque[ObjectRef] = collections.deque()
     ready = threading.Semaphore(0)
     pending = 0
+    wake = functools.partial(_arrive, arrived, ready)
     for ref in refs:
-        if not ref._rt._add_waiter(ref, functools.partial(_arrive, arrived, ready)):
+        if not ref._rt._add_waiter(ref, wake):
             arrived.append(ref)
             ready.release()
         pending += 1
     deadline = None if timeout is None else time.monotonic() + timeout
-    while pending:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if (remaining is not None and remaining <= 0) or not ready.acquire(timeout=remaining):
-            raise TimeoutError(f"{pending} of {len(refs)} refs were not done after {timeout}s")
-        pending -= 1
-        yield arrived.popleft()
+    try:
+        while pending:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if (remaining is not None and remaining <= 0) or not ready.acquire(timeout=remaining):
+                raise TimeoutError(f"{pending} of {len(refs)} refs were not done after {timeout}s")
+            pending -= 1
+            yield arrived.popleft()
+    finally:  # a timeout, or a caller that stopped iterating: leave no waiter behind
+        for ref in refs:
+            ref._rt._remove_waiter(ref, wake)
 
 
 def _arrive(arrived: collections.deque[ObjectRef], ready: threading.Semaphore, ref: ObjectRef) -> None:
