@@ -491,3 +491,176 @@ def test_gpu_replicas_are_pinned_one_gpu_each(handles):
     handles.append(handle)
     visible, device, count = handle.where()
     assert visible == str(devices("cuda")[0].index) and device == "cuda:0" and count == 1
+
+
+# -- regressions from a review ---------------------------------------------------------------------
+@pytest.mark.parametrize("restart, max_restarts", [("temporary", 0), ("permanent", 0), ("permanent", 2)])
+def test_async_replica_init_failure_never_deadlocks_deploy(restart, max_restarts):
+    @service(executor="async", restart=restart, max_restarts=max_restarts, backoff_s=0.01)
+    class Broken:
+        def __init__(self):
+            raise RuntimeError("bad config")
+
+        async def f(self):
+            return 1
+
+    handle = Broken.init()
+    with pytest.raises(ServiceFailedError):
+        handle.f.go().result(timeout=20)
+    assert handle.status == "failed"
+
+
+def test_async_method_raising_system_exit_fails_only_its_call(handles):
+    import sys
+
+    @service(executor="async")
+    class Quitter:
+        async def quit(self):
+            sys.exit(3)
+
+        def ok(self):
+            return "ok"
+
+    handle = Quitter.init()
+    handles.append(handle)
+    with pytest.raises(SystemExit):
+        handle.quit.go().result(timeout=10)
+    assert handle.ok() == "ok"
+
+    @op(kind="inline")
+    def one():
+        return 1
+
+    assert one.go().result(timeout=10) == 1  # the runtime's loop lives on
+
+
+def test_room_comes_back_however_a_call_ends(handles):
+    gate = threading.Event()
+
+    @service(executor="thread", queue_limit=1, max_concurrency=1)
+    class Small:
+        def f(self, x):
+            return x
+
+        def wait(self):
+            return gate.wait(30)
+
+    handle = Small.init()
+    handles.append(handle)
+
+    @op(kind="inline")
+    def boom():
+        raise ValueError("no input")
+
+    for _ in range(3):  # an input that failed
+        with pytest.raises(Exception):  # noqa: B017 - OpError
+            handle.f.go(boom.go()).result(timeout=10)
+    blocker = handle.wait.go()
+    pending = op(kind="thread")(gate.wait).go(30)
+    waiting = handle.f.go(pending)  # waits on its input: cancel it
+    assert waiting.cancel()
+    gate.set()
+    assert blocker.result(timeout=10) is True
+    assert handle._room.free == handle._room.size
+    assert handle.f(5) == 5
+
+
+def test_cancelled_await_for_room_takes_none(handles):
+    gate = threading.Event()
+
+    @service(executor="thread", queue_limit=1, max_concurrency=1)
+    class Small:
+        def wait(self):
+            return gate.wait(30)
+
+    handle = Small.init()
+    handles.append(handle)
+    held = [handle.wait.go(), handle.wait.go()]  # full
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(handle.wait(), 0.1)
+
+    asyncio.run(impatient())
+    gate.set()
+    assert get(held) == [True, True]
+    deadline = time.monotonic() + 10
+    while handle._room.free != handle._room.size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle._room.free == handle._room.size
+
+
+def test_a_full_service_from_the_runtimes_own_loop_is_overloaded_not_a_deadlock(handles):
+    gate = threading.Event()
+
+    @service(executor="thread", queue_limit=1, max_concurrency=1)
+    class Small:
+        def wait(self):
+            return gate.wait(30)
+
+    handle = Small.init()
+    handles.append(handle)
+
+    @op
+    async def fan_out():
+        return [handle.wait.go() for _ in range(4)]
+
+    with pytest.raises(ServiceOverloadedError, match="own loop"):
+        fan_out.go().result(timeout=10)
+    gate.set()
+
+
+def test_shutdown_stops_running_calls_at_once(handles):
+    @service(executor="process", replicas=2)
+    class Slow:
+        def sleep(self, seconds):
+            time.sleep(seconds)
+
+        def pid(self):
+            return os.getpid()
+
+    handle = Slow.init()
+    pids = set(get([handle.pid.go() for _ in range(20)]))
+    calls = [handle.sleep.go(30) for _ in range(3)]
+    started = time.monotonic()
+    handle.shutdown()
+    assert time.monotonic() - started < 5
+    for call in calls:
+        with pytest.raises(ServiceFailedError, match="shut down"):
+            call.result(timeout=10)
+    assert not wait_gone(pids, within=10)
+
+
+def test_in_process_instances_are_released_at_shutdown():
+    import gc
+    import weakref
+
+    from twat_mp import services
+
+    @service(executor="thread", replicas=2)
+    class Holder:
+        def __init__(self):
+            self.data = bytearray(1 << 20)
+
+        def me(self):
+            return weakref.ref(self)
+
+    handle = Holder.init()
+    refs = get([handle.me.go() for _ in range(10)])
+    handle.shutdown()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert not [key for key in services._instances if key[0] == handle._key]
+
+
+def test_two_thread_services_run_async_methods_at_once(handles):
+    @service(executor="thread")
+    class Sleeper:
+        async def nap(self, i):
+            await asyncio.sleep(0.05)
+            return i
+
+    one, two = Sleeper.init(), Sleeper.init()
+    handles += [one, two]
+    refs = [h.nap.go(i) for i in range(4) for h in (one, two)]
+    assert get(refs) == [0, 0, 1, 1, 2, 2, 3, 3]

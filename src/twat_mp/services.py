@@ -131,7 +131,7 @@ def idempotent(method: Callable[..., Any]) -> Callable[..., Any]:
 # -- the worker side: instances by (service key, slot), calls by method name ----------------------
 _instances: dict[tuple[str, int], Any] = {}
 _call_counts: dict[tuple[str, int], int] = collections.Counter()
-_loops: dict[int, asyncio.AbstractEventLoop] = {}
+_loops: dict[tuple[str, int], asyncio.AbstractEventLoop] = {}
 _NO_CHECKPOINT = "twat_mp.services.no-checkpoint"
 
 
@@ -146,6 +146,9 @@ class _Checkpointed:
 
     def __reduce__(self) -> Any:
         return (_Checkpointed, (self.value, self.state))
+
+    def __repr__(self) -> str:
+        return f"<the value of a call with the state __checkpoint__() returned: {self.state!r:.80}>"
 
 
 def _slot() -> int:
@@ -172,9 +175,9 @@ def _invoke(key: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], 
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # a sync worker: its own loop, kept for the next async call
-            loop = _loops.get(where[1])
+            loop = _loops.get(where)
             if loop is None:
-                loop = _loops[where[1]] = asyncio.new_event_loop()
+                loop = _loops[where] = asyncio.new_event_loop()
             value = loop.run_until_complete(value)
         else:  # an async worker awaits it (run_call_async)
             return _checkpoint_after(where, instance, value, every)
@@ -194,6 +197,78 @@ def _checkpointed(where: tuple[str, int], instance: Any, value: Any, every: int)
 
 
 # -- the caller's side ------------------------------------------------------------------------------
+class _Room:
+    """The calls a service may hold (queued or in flight): a counting semaphore whose
+    waiters are threads (``acquire``) or coroutines (``acquire_async``: no thread, and
+    a cancelled waiter takes nothing)."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.size = size
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[Any] = collections.deque()  # Events and (loop, future)
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.free > 0:
+                self.free -= 1
+                return True
+            return False
+
+    def acquire(self, timeout: float | None) -> bool:
+        with self._lock:
+            if self.free > 0:
+                self.free -= 1
+                return True
+            event = threading.Event()
+            self._waiters.append(event)
+        if event.wait(timeout):
+            return True  # release() handed its unit to this waiter
+        with self._lock:
+            if event in self._waiters:
+                self._waiters.remove(event)
+                return False
+        return True  # handed over just as the wait ended
+
+    async def acquire_async(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.free > 0:
+                self.free -= 1
+                return
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            with self._lock:
+                if (loop, future) in self._waiters:
+                    self._waiters.remove((loop, future))
+                    raise
+            self.release()  # the unit arrived as it was cancelled: give it back
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if isinstance(waiter, threading.Event):
+                    waiter.set()
+                    return
+                loop, future = waiter
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_hand_over, future, self)
+                    return
+            self.free = min(self.size, self.free + 1)
+
+
+def _hand_over(future: asyncio.Future[None], room: _Room) -> None:
+    if future.cancelled():
+        room.release()  # its waiter went away meanwhile: pass the unit on
+    else:
+        future.set_result(None)
+
+
 class _Call:
     __slots__ = ("args", "attempts", "kwargs", "method", "ref", "sent_at")
 
@@ -222,7 +297,42 @@ class _Replica:
         self.history: list[float] = []  # when an async replica was restarted
         # async executor: the instance, and a thread for its sync methods
         self.instance: Any = None
-        self.thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self.thread: _SerialThread | None = None
+
+
+class _SerialThread:
+    """One daemon thread running an async replica's sync methods in order (a daemon: a
+    slow method never holds up interpreter exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: collections.deque[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None] = \
+            collections.deque()
+        self._ready = threading.Semaphore(0)
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.append((future, fn))
+        self._ready.release()
+        return future
+
+    def stop(self) -> None:
+        self._queue.append(None)
+        self._ready.release()
+
+    def _run(self) -> None:
+        while True:
+            self._ready.acquire()
+            work = self._queue.popleft()
+            if work is None:
+                return
+            future, fn = work
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # SystemExit too: it belongs to the call
+                future.set_exception(exc)
 
 
 class _MethodOp(ExternalOp):
@@ -252,11 +362,7 @@ class ServiceMethod:
         When it is full, waits for room (``block=False``: ``ServiceOverloadedError``)."""
         handle = self.handle
         handle._take_room(block)
-        try:
-            return handle._runtime_for_calls().submit(self._op, args, kwargs)
-        except BaseException:
-            handle._room.release()
-            raise
+        return handle._submit(self._op, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _called_from_async_code(sys._getframe(1)):
@@ -268,14 +374,8 @@ class ServiceMethod:
         if handle._status == "new":  # starting replicas blocks: not on the caller's loop
             await asyncio.get_running_loop().run_in_executor(None, handle.deploy)
         handle._check_running()
-        if not handle._room.acquire(blocking=False):  # full: wait for room off the loop
-            await asyncio.get_running_loop().run_in_executor(None, handle._take_room, True, False)
-        try:
-            ref = handle._runtime_for_calls().submit(self._op, args, kwargs)
-        except BaseException:
-            handle._room.release()
-            raise
-        return await ref
+        await handle._room.acquire_async()  # full: wait, without a thread or blocking the loop
+        return await handle._submit(self._op, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<service method {self.handle.name}.{self.name}>"
@@ -298,7 +398,7 @@ class ServiceHandle:
         self._status = "new"  # new, running, failed, stopped
         self._failure: BaseException | None = None
         opts = self.options
-        self._room = threading.BoundedSemaphore(opts.replicas * (opts.queue_limit + opts.max_concurrency))
+        self._room = _Room(opts.replicas * (opts.queue_limit + opts.max_concurrency))
         self._replicas = [_Replica(i) for i in range(opts.replicas)]
         self._queue: collections.deque[_Call] = collections.deque()
         self._flush_pending = False
@@ -364,6 +464,8 @@ class ServiceHandle:
             self._runtime = rt
             self._status = "running"
             rt.on_shutdown(self.shutdown)
+        if self.options.executor == "async":  # outside the lock: a failing __init__ takes it
+            rt.call_on_loop(self._start_async_replicas)
         return self
 
     def shutdown(self) -> None:
@@ -379,12 +481,19 @@ class ServiceHandle:
         rt = self._runtime
         if rt is not None and not rt.closed:
             rt.call_on_loop(self._fail_all, error)
-        if self._dispatcher is not None:
-            self._dispatcher.close()
+        if self._dispatcher is not None:  # stop, not drain: what runs now fails (as documented)
+            self._dispatcher.terminate()
             self._dispatcher.join(5.0)
         for replica in self._replicas:
             if replica.thread is not None:
-                replica.thread.shutdown(wait=False)
+                replica.thread.stop()
+            replica.instance = None
+        for where in [w for w in _instances if w[0] == self._key]:  # in-process executors' instances
+            _instances.pop(where, None)
+            _call_counts.pop(where, None)
+            loop = _loops.pop(where, None)
+            if loop is not None:
+                loop.close()
         self._emit(-1, "stopped", detail="after a failure" if was_failed else "")
 
     def stats(self) -> list[dict[str, Any]]:
@@ -416,20 +525,37 @@ class ServiceHandle:
         if self._status != "running":
             raise ServiceFailedError(f"service {self.name} is {self._status}") from self._failure
 
-    def _take_room(self, block: bool, check: bool = True) -> None:
-        if check and self._status == "new":
+    def _take_room(self, block: bool) -> None:
+        if self._status == "new":
             self.deploy()
-        if check:
-            self._check_running()
-        if self._room.acquire(blocking=False):
+        self._check_running()
+        if self._room.try_acquire():
             return
-        if not block:
+        rt = self._runtime_for_calls()
+        if not block or threading.get_ident() == rt._loop_ident:  # waiting there would stop the settling
             raise ServiceOverloadedError(
                 f"service {self.name} has {self.options.queue_limit} calls queued per replica already "
-                f"({self.options.replicas} replica(s)); wait, or call with block=True")
+                f"({self.options.replicas} replica(s)); wait, call with block=True"
+                + (" (not possible on the runtime's own loop: await the direct call instead)"
+                   if block else ""))
         while not self._room.acquire(timeout=0.5):
-            if self._status != "running":
-                raise ServiceFailedError(f"service {self.name} is {self._status}") from self._failure
+            self._check_running()
+
+    def _submit(self, fn: ExternalOp, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ObjectRef:
+        """Submit a call that holds a unit of room; the unit comes back when its ref ends,
+        however it ends (a value, an error, a failed input, a cancel, a shutdown)."""
+        rt = self._runtime_for_calls()
+        try:
+            ref = rt.submit(fn, args, kwargs)
+        except BaseException:
+            self._room.release()
+            raise
+        if not rt._add_waiter(ref, self._give_back):
+            self._room.release()
+        return ref
+
+    def _give_back(self, _: ObjectRef) -> None:
+        self._room.release()
 
     def _runtime_for_calls(self) -> Runtime:
         rt = self._runtime
@@ -447,9 +573,7 @@ class ServiceHandle:
         for replica in self._replicas:
             self._emit(replica.index, "starting")
         if opts.executor == "async":
-            self._runtime = rt
-            rt.call_on_loop(self._start_async_replicas)
-            return
+            return  # deploy() builds the instances on the loop, once the handle is running
         policy = self._policy()
         threads = opts.cpus or hardware.thread_share(opts.replicas, None)
         slots = [SlotSpec(env=hardware.slot_env(device, threads) if opts.executor != "thread" else (),
@@ -492,8 +616,7 @@ class ServiceHandle:
             return
         replica.instance = instance
         replica.alive = True
-        replica.thread = replica.thread or concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"twat-mp-{self.name}-{replica.index}")
+        replica.thread = replica.thread or _SerialThread(f"twat-mp-{self.name}-{replica.index}")
         self._emit(replica.index, "started")
         self._pump()
 
@@ -503,11 +626,17 @@ class ServiceHandle:
         replica.alive = False
         now = time.monotonic()
         policy = self._policy()
-        delay = None if policy.restart != "always" else policy.delay(replica.history, now)
-        if delay is None:
+        if policy.restart != "always":  # not restarted: the others go on (the engine's _give_up)
             self._emit(replica.index, "failed", detail=str(exc))
             if not any(r.alive for r in self._replicas):
                 self._service_failed(ServiceFailedError(f"service {self.name}: every replica failed"), exc)
+            return
+        delay = policy.delay(replica.history, now)
+        if delay is None:  # past the restart limit: the service fails (the engine breaks the pool)
+            self._emit(replica.index, "failed", detail=str(exc))
+            self._service_failed(ServiceFailedError(
+                f"service {self.name} failed: replica {replica.index} crashed {len(replica.history) + 1} times "
+                f"within {policy.window:g}s; the restart policy allows {policy.max_restarts}"), exc)
             return
         replica.history.append(now)
         replica.restarts += 1
@@ -558,9 +687,10 @@ class ServiceHandle:
     def _service_failed(self, error: ServiceFailedError, cause: BaseException | None) -> None:
         error.__cause__ = cause
         with self._lock:
-            if self._status == "running":
-                self._status = "failed"
-                self._failure = error
+            if self._status != "running":  # failed already (or stopped): said once
+                return
+            self._status = "failed"
+            self._failure = error
         self._emit(-1, "failed", detail=str(cause or error))
         self._fail_all(error)
 
@@ -576,7 +706,8 @@ class ServiceHandle:
     # -- routing (loop thread) ----------------------------------------------------------------------
     def _enqueue(self, call: _Call) -> None:
         if self._status != "running":
-            self._settle(call, False, ServiceFailedError(f"service {self.name} is {self._status}"))
+            why = "was shut down" if self._status == "stopped" else f"is {self._status}"
+            self._settle(call, False, ServiceFailedError(f"service {self.name} {why}"))
             return
         self._queue.append(call)
         self._pump()
@@ -595,7 +726,8 @@ class ServiceHandle:
             best.in_flight += 1
             if self.options.executor == "async":  # on this loop already: start it now, no batching
                 call.sent_at = time.perf_counter()
-                self._runtime_for_calls().loop.create_task(self._run_async(best, call))
+                rt = self._runtime_for_calls()
+                rt._running.add(rt.loop.create_task(self._run_async(best, call)))  # cancelled at shutdown
                 continue
             best.outbox.append(call)
         if not self._flush_pending and any(r.outbox for r in self._replicas):
@@ -660,6 +792,8 @@ class ServiceHandle:
         if isinstance(error, BrokenPoolError):
             failure = ServiceFailedError(f"service {self.name} failed: {error.reason}")
             self._service_failed(failure, error)
+        elif self._status == "stopped":  # terminated by shutdown()
+            error = ServiceFailedError(f"service {self.name} was shut down while this call ran")
         for call in calls:
             self._settle(call, False, self._failure or error)
 
@@ -677,7 +811,6 @@ class ServiceHandle:
         return bool(getattr(getattr(self.service.target, method, None), "__twat_mp_idempotent__", False))
 
     def _settle(self, call: _Call, ok: bool, value: Any) -> None:
-        self._room.release()
         self._runtime_for_calls().settle(call.ref, ok, value)
 
     async def _run_async(self, replica: _Replica, call: _Call) -> None:
@@ -688,8 +821,8 @@ class ServiceHandle:
                 value = await method(*call.args, **call.kwargs)
             else:
                 assert replica.thread is not None
-                value = await asyncio.get_running_loop().run_in_executor(
-                    replica.thread, functools.partial(method, *call.args, **call.kwargs))
+                value = await asyncio.wrap_future(replica.thread.submit(
+                    functools.partial(method, *call.args, **call.kwargs)))
                 if inspect.isawaitable(value):
                     value = await value
             every = self.options.checkpoint_every
@@ -697,11 +830,19 @@ class ServiceHandle:
             checkpoint = getattr(instance, "__checkpoint__", None)
             if checkpoint is not None and replica.calls % every == 0:
                 replica.checkpoint = checkpoint()
-        except Exception as exc:
+        except asyncio.CancelledError:  # the runtime shut down
+            replica.in_flight -= 1
+            self._settle(call, False, ServiceFailedError(f"service {self.name} was shut down while this call ran"))
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # never out of the loop thread
             replica.failures += 1
             outcome: tuple[bool, Any] = (False, exc)
         else:
             outcome = (True, value)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._runtime_for_calls()._running.discard(task)
         replica.in_flight -= 1
         replica.latencies.append(time.perf_counter() - call.sent_at)
         replica.busy += replica.latencies[-1]

@@ -269,6 +269,11 @@ class Dispatcher(ABC):
         return not (self._closing or self._terminating) and self._broken is None
 
     @property
+    def running(self) -> bool:
+        """Whether the manager thread still runs (an open pool, or one still stopping)."""
+        return self._thread.is_alive()
+
+    @property
     def error(self) -> BaseException | None:
         """Why the dispatcher stopped working (initializer failure, start failure)."""
         return self._broken

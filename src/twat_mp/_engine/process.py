@@ -104,9 +104,9 @@ def stop_forkserver() -> None:
     from twat_mp._engine.dispatcher import live_dispatchers
 
     with _server_lock:
-        if _preloaded is None or any(d.alive and getattr(d, "start_method", "") == "forkserver"
+        if _preloaded is None or any(d.running and getattr(d, "start_method", "") == "forkserver"
                                      for d in live_dispatchers()):
-            return
+            return  # a pool still open or still stopping (its workers are the server's children)
         from multiprocess import forkserver, resource_tracker
 
         for server in [*_retired_servers, forkserver._forkserver]:
