@@ -70,6 +70,27 @@ class Counter:
         self.n = n
 
 
+class Gated:
+    """One call at a time and one queued: a service that is full after two calls."""
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    def f(self, x):
+        return x
+
+    def wait(self):
+        return self.gate.wait(30)
+
+
+def full_service(handles):
+    """A thread service with room for two calls, and the gate that holds its calls."""
+    gate = threading.Event()
+    handle = service(executor="thread", max_concurrency=1, queue_limit=1)(Gated).init(gate)
+    handles.append(handle)
+    return handle, gate
+
+
 def make(**options):
     return service(**options)(Counter)
 
@@ -305,15 +326,7 @@ def test_max_concurrency_bounds_the_calls_running_at_a_replica(handles):
 
 
 def test_a_full_queue_blocks_or_refuses(handles):
-    gate = threading.Event()
-
-    @service(executor="thread", max_concurrency=1, queue_limit=1)
-    class Slow:
-        def wait(self):
-            return gate.wait(30)
-
-    handle = Slow.init()
-    handles.append(handle)
+    handle, gate = full_service(handles)
     first, second = handle.wait.go(), handle.wait.go()  # one running, one queued: full
     with pytest.raises(ServiceOverloadedError, match="queued"):
         handle.wait.go(block=False)
@@ -424,15 +437,7 @@ def test_transient_replicas_restart_after_a_crash_but_not_after_a_clean_exit(han
 
 
 def test_awaiting_a_full_service_waits_without_blocking_the_loop(handles):
-    gate = threading.Event()
-
-    @service(executor="thread", max_concurrency=1, queue_limit=1)
-    class Slow:
-        def wait(self):
-            return gate.wait(30)
-
-    handle = Slow.init()
-    handles.append(handle)
+    handle, gate = full_service(handles)
     held = [handle.wait.go(), handle.wait.go()]  # full
 
     async def main():
@@ -535,18 +540,7 @@ def test_async_method_raising_system_exit_fails_only_its_call(handles):
 
 
 def test_room_comes_back_however_a_call_ends(handles):
-    gate = threading.Event()
-
-    @service(executor="thread", queue_limit=1, max_concurrency=1)
-    class Small:
-        def f(self, x):
-            return x
-
-        def wait(self):
-            return gate.wait(30)
-
-    handle = Small.init()
-    handles.append(handle)
+    handle, gate = full_service(handles)
 
     @op(kind="inline")
     def boom():
@@ -566,15 +560,7 @@ def test_room_comes_back_however_a_call_ends(handles):
 
 
 def test_cancelled_await_for_room_takes_none(handles):
-    gate = threading.Event()
-
-    @service(executor="thread", queue_limit=1, max_concurrency=1)
-    class Small:
-        def wait(self):
-            return gate.wait(30)
-
-    handle = Small.init()
-    handles.append(handle)
+    handle, gate = full_service(handles)
     held = [handle.wait.go(), handle.wait.go()]  # full
 
     async def impatient():
@@ -591,15 +577,7 @@ def test_cancelled_await_for_room_takes_none(handles):
 
 
 def test_a_full_service_from_the_runtimes_own_loop_is_overloaded_not_a_deadlock(handles):
-    gate = threading.Event()
-
-    @service(executor="thread", queue_limit=1, max_concurrency=1)
-    class Small:
-        def wait(self):
-            return gate.wait(30)
-
-    handle = Small.init()
-    handles.append(handle)
+    handle, gate = full_service(handles)
 
     @op
     async def fan_out():
