@@ -651,3 +651,11 @@ def test_timed_out_waits_leave_no_waiter_behind(rt):
     assert not ref._waiters
     gate.set()
     ref.result(timeout=10)
+
+
+def test_one_unpicklable_task_of_a_batch_fails_alone(rt):
+    refs = [add_process.go(i, 0) for i in range(6)] + [add_process.go((i for i in range(2)), 1)]
+    refs += [add_process.go(i, 10) for i in range(6)]
+    outcomes = [r.exception(timeout=20) for r in refs]
+    assert [o is None for o in outcomes] == [True] * 6 + [False] + [True] * 6
+    assert isinstance(outcomes[6], twat_mp.SerializationError)

@@ -17,8 +17,10 @@ from twat_mp import (
     Mesh,
     ReplicaCrashedError,
     ResourceError,
+    SerializationError,
     ServiceFailedError,
     ServiceOverloadedError,
+    WorkerError,
     deploy,
     devices,
     get,
@@ -642,3 +644,40 @@ def test_two_thread_services_run_async_methods_at_once(handles):
     handles += [one, two]
     refs = [h.nap.go(i) for i in range(4) for h in (one, two)]
     assert get(refs) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_one_unpicklable_argument_or_result_fails_only_its_call(handles):
+    @service(executor="process")
+    class Echo:
+        def echo(self, x):
+            return x
+
+        def gen(self):
+            return (i for i in range(3))
+
+    handle = Echo.init()
+    handles.append(handle)
+    refs = [handle.echo.go(i) for i in range(3)] + [handle.echo.go(i for i in range(3))] + \
+        [handle.echo.go(i) for i in range(3, 6)]
+    assert [r.exception(timeout=20) is None for r in refs] == [True] * 3 + [False] + [True] * 3
+    assert isinstance(refs[3].exception(), SerializationError)
+    refs = [handle.echo.go(1), handle.gen.go(), handle.echo.go(2)]
+    assert refs[0].result(timeout=20) == 1 and refs[2].result(timeout=20) == 2
+    with pytest.raises(SerializationError, match="result"):
+        refs[1].result(timeout=20)
+
+
+def test_a_methods_error_names_the_call_not_internals(handles):
+    @service(executor="process")
+    class Raiser:
+        def boom(self, x):
+            class Local(Exception):  # its class cannot be found by name in the caller
+                pass
+
+            raise Local(f"bad {x}")
+
+    handle = Raiser.init()
+    handles.append(handle)
+    with pytest.raises(WorkerError) as caught:
+        handle.boom(7)
+    assert str(caught.value).startswith("bad 7") and caught.value.input_item == (7,)  # the call, not _invoke's

@@ -754,7 +754,7 @@ class ServiceHandle:
         rt = self._runtime_for_calls()
         try:
             submit_calls(self._dispatcher, batch, functools.partial(self._landed, replica, calls), rt.post,
-                         slot=replica.index)
+                         slot=replica.index, shown=[call.args for call in calls])
         except Exception as exc:
             self._landed(replica, calls, exc, 0.0)
 

@@ -21,7 +21,15 @@ from typing import Any
 
 from twat_mp._engine import protocol
 from twat_mp._engine.protocol import HEADER, MODE_ONE, MODE_STAR, ChunkResult, RemoteError, Stage
-from twat_mp._engine.worker import WorkerSetup, encode_result, load_function, prepare, stage_error, start_worker
+from twat_mp._engine.worker import (
+    WorkerSetup,
+    _per_call,
+    encode_result,
+    load_function,
+    prepare,
+    stage_error,
+    start_worker,
+)
 
 
 def async_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: Any) -> None:
@@ -82,7 +90,7 @@ class _AsyncWorker:
         else:
             result = await self._run_items(fn, mode, items, timeout)
         self.result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
-                                 + encode_result(result, self.setup.shm_prefix))
+                                 + encode_result(result, self.setup.shm_prefix, _per_call(fn, mode)))
         if self.setup.max_tasks and self.calls >= self.setup.max_tasks and not self.retire_asked:
             self.retire_asked = True
             self.result_w.send_bytes(HEADER.pack(protocol.RETIRE, 0, 0, 0.0))

@@ -150,10 +150,17 @@ def load_function(functions: dict[int, tuple[Any, int]], token: int, body: memor
         functions[token] = (exc, -1)
 
 
-def encode_result(result: ChunkResult, shm_prefix: str | None) -> bytes:
+def encode_result(result: ChunkResult, shm_prefix: str | None, per_call: bool = False) -> bytes:
+    """Pickle a chunk's result; one that cannot be is named (``per_call``: a batch of
+    independent calls, where only the calls whose results do not pickle fail)."""
     try:
         payload, _ = dumps(result, "results", shm_prefix)
     except Exception:
+        if per_call:
+            from twat_mp._engine.calls import picklable_outcomes
+
+            fixed = result._replace(results=picklable_outcomes(result.results))
+            return dumps(fixed, "results", shm_prefix)[0]
         where = find_unpicklable(result.results, "result")
         payload = dumps(ChunkResult([], stage_error(Stage.RESULT, f"a result cannot be pickled: {where}"),
                                     result.worker_id, result.pid, result.elapsed))[0]
@@ -182,12 +189,17 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
                     stamp[0], stamp[1] = chunk_id, 0
                 result = run_chunk(fn, mode, items, worker_id, pid, stamp if timeout else None)
             result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
-                                + encode_result(result, setup.shm_prefix))
+                                + encode_result(result, setup.shm_prefix, _per_call(fn, mode)))
             del items, result, frame, body  # hold no task's data (or mapping) while idle
         elif kind == protocol.FUNC:
             load_function(functions, token, body)
         elif kind == protocol.STOP:
             return
+
+
+def _per_call(fn: Any, mode: int) -> bool:
+    """Is this chunk a batch of independent calls (``_engine.calls``)?"""
+    return mode == MODE_STAR and getattr(fn, "__module__", "") == "twat_mp._engine.calls"
 
 
 def prepare(functions: dict[int, tuple[Any, int]], token: int,
