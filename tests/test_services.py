@@ -681,3 +681,34 @@ def test_a_methods_error_names_the_call_not_internals(handles):
     with pytest.raises(WorkerError) as caught:
         handle.boom(7)
     assert str(caught.value).startswith("bad 7") and caught.value.input_item == (7,)  # the call, not _invoke's
+
+
+def test_a_replica_with_two_gpus_sees_both_and_meshes_work_in_threads():
+    from twat_mp import Device
+    from twat_mp.hardware import slot_env
+
+    fake = [Device("cuda", i, f"gpu {i}", 1 << 34, 100) for i in range(4)]
+    mesh = Mesh(fake)
+    groups = mesh.place("big", 2, 2, None)
+    assert groups == [tuple(fake[:2]), tuple(fake[2:])]
+    env = dict(slot_env(groups[1][0], 1, groups[1][1:]))
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["TWAT_MP_DEVICE"] == "cuda:2"
+    with pytest.raises(ResourceError):
+        mesh.place("bigger", 3, 2, None)
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def use(seconds):
+        try:
+            with mesh:
+                barrier.wait(5)
+                time.sleep(seconds)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use, args=(s,)) for s in (0.05, 0.15)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []

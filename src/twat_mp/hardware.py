@@ -197,14 +197,16 @@ def thread_share(workers: int, torch_threads: int | None) -> int:
     return max(1, _options.cpu_count() // max(1, workers))
 
 
-def slot_env(device: Device | None, threads: int) -> tuple[tuple[str, str], ...]:
-    """The environment of one worker slot: its device (and for CUDA, the only GPU it
-    sees) and its thread share for torch, OpenMP, MKL and OpenBLAS."""
+def slot_env(device: Device | None, threads: int, also: Sequence[Device] = ()) -> tuple[tuple[str, str], ...]:
+    """The environment of one worker slot: its device (and for CUDA, the only GPUs it
+    sees: ``device`` and the GPUs in ``also``, as ``cuda:0``, ``cuda:1``...) and its
+    thread share for torch, OpenMP, MKL and OpenBLAS."""
     env = [(THREADS_ENV, str(threads)), *((name, str(threads)) for name in _THREAD_VARIABLES)]
     if device is not None:
         env.append((DEVICE_ENV, str(device)))
         if device.kind == "cuda":
-            env.append(("CUDA_VISIBLE_DEVICES", str(device.index)))
+            visible = [device, *(d for d in also if d.kind == "cuda" and d != device)]
+            env.append(("CUDA_VISIBLE_DEVICES", ",".join(str(d.index) for d in visible)))
     return tuple(env)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import threading
 from typing import Any, Iterable
 
 from twat_mp.errors import ResourceError
@@ -56,7 +57,7 @@ class Mesh:
         if not nodes or not any(node.devices for node in nodes):
             raise ValueError("a Mesh needs at least one device (twat_mp.devices() lists them)")
         self.nodes: list[MeshNode] = nodes
-        self._tokens: list[contextvars.Token[Mesh | None]] = []
+        self._tokens = threading.local()  # each thread's own stack: one Mesh may be entered in several
 
     @property
     def devices(self) -> list[Device]:
@@ -70,31 +71,32 @@ class Mesh:
     def cpus(self) -> int:
         return sum(device.capacity for device in self.devices if device.kind == "cpu")
 
-    def place(self, name: str, replicas: int, gpus: int, cpus: int | None) -> list[Device | None]:
-        """The device of each of ``replicas`` replicas that each need ``gpus`` GPUs and
-        ``cpus`` cores: GPUs round robin, exclusive (one replica per GPU, or ``gpus``
-        per replica; the first is its device), else the CPU. Raises ``ResourceError``
-        naming the need and the capacity when the mesh is too small."""
+    def place(self, name: str, replicas: int, gpus: int, cpus: int | None) -> list[tuple[Device, ...]]:
+        """The devices of each of ``replicas`` replicas that each need ``gpus`` GPUs and
+        ``cpus`` cores: ``gpus`` GPUs of its own (exclusive), else the CPU (empty where
+        the mesh has no CPU device). Raises ``ResourceError`` naming the need and the
+        capacity when the mesh is too small."""
         if gpus:
             need, have = replicas * gpus, len(self.gpus)
             if need > have:
                 raise ResourceError(f"service {name!r} needs {replicas} replica(s) x {gpus} GPU(s) = {need} GPU(s); "
                                     f"the mesh has {have}", need, have, "gpus")
-            return [self.gpus[i * gpus] for i in range(replicas)]
+            return [tuple(self.gpus[i * gpus:(i + 1) * gpus]) for i in range(replicas)]
         if cpus:
             need, have = replicas * cpus, self.cpus
             if need > have:
                 raise ResourceError(f"service {name!r} needs {replicas} replica(s) x {cpus} CPU core(s) = {need}; "
                                     f"the mesh has {have}", need, have, "cpus")
         cpu = next((device for device in self.devices if device.kind == "cpu"), None)
-        return [cpu] * replicas
+        return [(cpu,) if cpu is not None else ()] * replicas
 
     def __enter__(self) -> Mesh:
-        self._tokens.append(_current.set(self))
+        stack = self._tokens.__dict__.setdefault("stack", [])
+        stack.append(_current.set(self))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _current.reset(self._tokens.pop())
+        _current.reset(self._tokens.stack.pop())
 
     def __repr__(self) -> str:
         return f"<Mesh {[str(d) for d in self.devices]}>"

@@ -576,10 +576,11 @@ class ServiceHandle:
             return  # deploy() builds the instances on the loop, once the handle is running
         policy = self._policy()
         threads = opts.cpus or hardware.thread_share(opts.replicas, None)
-        slots = [SlotSpec(env=hardware.slot_env(device, threads) if opts.executor != "thread" else (),
-                          tags=frozenset([str(device)]) if device is not None else frozenset(),
+        slots = [SlotSpec(env=hardware.slot_env(group[0], threads, group[1:])
+                          if group and opts.executor != "thread" else (),
+                          tags=frozenset(map(str, group)),
                           init=self._slot_init(_NO_CHECKPOINT))
-                 for device in placed]
+                 for group in placed]
 
         def on_event(event: Any) -> None:  # the engine's manager thread: only queue
             rt.post(functools.partial(self._on_engine_event, event))
