@@ -83,6 +83,45 @@ def demo() -> None:
             return await pool.map(_io, range(20))
 
     _timed("AsyncMultiPool(2).map", lambda: asyncio.run(with_async_pool()), serial_async)
+    _demo_graphs_and_services(items, serial)
+
+
+def _demo_graphs_and_services(items: list[int], serial: float) -> None:
+    from twat_mp import get, op, service, shutdown
+
+    print("\nA task graph: the same work as process ops, summed pairwise by inline ops:")
+    busy = op(kind="process")(_busy)
+    add = op(kind="inline", name="add")(_add)
+
+    def tree() -> int:
+        refs = [busy.go(x) for x in items]
+        while len(refs) > 1:
+            refs = [add.go(refs[i], refs[i + 1]) if i + 1 < len(refs) else refs[i] for i in range(0, len(refs), 2)]
+        return int(refs[0].result())
+
+    _timed("@op graph (cold: starts the pool)", tree, serial)
+    _timed("@op graph (warm)", tree, serial)
+
+    print("\nA service: a stateful counter in 2 process replicas:")
+    counter = service(replicas=2, executor="process")(_Counter).init(0)
+    _timed("1,000 pipelined calls (cold)", lambda: len(get([counter.add.go(1) for _ in range(1000)])))
+    _timed("1,000 pipelined calls (warm)", lambda: len(get([counter.add.go(1) for _ in range(1000)])))
+    _timed("one call, round trip", lambda: counter.add(1))
+    counter.shutdown()
+    shutdown()
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+class _Counter:
+    def __init__(self, start: int) -> None:
+        self.n = start
+
+    def add(self, k: int) -> int:
+        self.n += k
+        return self.n
 
 
 def main(argv: list[str] | None = None) -> int:
