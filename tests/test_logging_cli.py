@@ -223,5 +223,6 @@ def test_main_banner_prints_the_2x_banner():
 def test_cli_demo_runs_every_decorator_and_pool():
     out = subprocess.run([sys.executable, "-m", "twat_mp", "demo"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for label in ["@pmap", "@imap", "@amap", "@apmap", "ProcessPool", "ThreadPool", "AsyncMultiPool", "x serial"]:
+    for label in ["@pmap", "@imap", "@amap", "@apmap", "ProcessPool", "ThreadPool", "AsyncMultiPool", "x serial",
+                  "@op graph", "pipelined calls", "round trip"]:
         assert label in out.stdout
