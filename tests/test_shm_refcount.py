@@ -275,3 +275,99 @@ def test_a_forked_child_neither_sends_by_reference_nor_unlinks_what_its_parent_h
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert os.path.exists(path)
+
+
+# -- leaks a review found -------------------------------------------------------------------------
+def big_result(i: int) -> np.ndarray:
+    return np.full(300_000, float(i))  # 2.4 MB: through shared memory
+
+
+def test_an_imap_stopped_early_leaves_no_segment():
+    import asyncio
+    import time
+
+    from twat_mp import AsyncMultiPool
+
+    before = mine()
+    with ProcessPool(nodes=2) as two:
+        for _ in range(3):
+            for _first in two.imap(big_result, range(16), chunksize=1):
+                break  # the other results arrive, and are never read
+        two.map(abs, [1])
+
+    async def early():
+        async with AsyncMultiPool(processes=2) as apool:
+            async for _first in apool.imap(_abig, range(16), chunksize=1):
+                break
+
+    asyncio.run(early())
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while mine() - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mine() - before == set()
+
+
+async def _abig(i: int) -> np.ndarray:
+    return big_result(i)
+
+
+def _held_by_worker() -> list[str]:
+    return list(shm._kept)
+
+
+def test_a_worker_lets_a_released_shared_array_go():
+    from twat_mp import share
+
+    with ProcessPool(nodes=1) as one:
+        data = share(np.ones(1 << 18))
+        one.apply(float, data[0])
+        one.apply(np.sum, data)
+        assert one.apply(_held_by_worker)  # kept between tasks while its owner holds it
+        del data
+        gc.collect()
+        one.apply(abs, 1)  # a task: the worker prunes after it
+        assert one.apply(_held_by_worker) == []
+
+
+def _slow(x: object) -> None:
+    import time
+
+    time.sleep(5)
+
+
+def test_cancelled_submits_release_what_they_would_have_sent():
+    from twat_mp import share
+
+    before = mine()
+    with ProcessPool(nodes=1) as one:
+        running = one.submit(_slow, 0)
+        for _ in range(10):
+            data = share(np.ones(1 << 17))
+            future = one.submit(np.sum, data)
+            assert future.cancel()
+            del data, future
+        gc.collect()
+        assert not shm._pins or all(path not in mine() for path in shm._pins)
+        running.cancel()
+        one.terminate()
+    gc.collect()
+    assert mine() - before == set()
+
+
+class _DieWhilePickled:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _result_then_death(_: object) -> tuple[np.ndarray, _DieWhilePickled]:
+    return np.ones(1_000_000), _DieWhilePickled()  # its array is written, then it dies
+
+
+def test_segments_a_dying_worker_wrote_are_swept_when_the_pool_closes():
+    before = mine()
+    with ProcessPool(nodes=1) as one:
+        for _ in range(3):
+            with pytest.raises(Exception):  # noqa: B017 - WorkerCrashedError
+                one.apply(_result_then_death, 0)
+    assert mine() - before == set()

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from twat_mp._engine import protocol
+from twat_mp._engine import protocol, shm
 from twat_mp._engine.protocol import HEADER, MODE_ONE, MODE_STAR, ChunkResult, RemoteError, Stage
 from twat_mp._engine.worker import (
     WorkerSetup,
@@ -56,10 +56,16 @@ class _AsyncWorker:
         self.limit = asyncio.Semaphore(self.setup.concurrency)
         self.stopped = loop.create_future()
         loop.add_reader(self.task_r.fileno(), self._on_readable)
+        self._prune_later(loop)
         await self.stopped
         loop.remove_reader(self.task_r.fileno())
         if self.running:  # STOP: answer what was sent before it
             await asyncio.gather(*self.running, return_exceptions=True)
+
+    def _prune_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every second: let go of shared mappings whose owners released them."""
+        shm.prune_kept()
+        loop.call_later(1.0, self._prune_later, loop)
 
     def _on_readable(self) -> None:
         """Read every frame that has arrived. The manager writes whole frames and never
@@ -91,6 +97,8 @@ class _AsyncWorker:
             result = await self._run_items(fn, mode, items, timeout)
         self.result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
                                  + encode_result(result, self.setup.shm_prefix, _per_call(fn, mode)))
+        del result, items
+        shm.prune_kept()
         if self.setup.max_tasks and self.calls >= self.setup.max_tasks and not self.retire_asked:
             self.retire_asked = True
             self.result_w.send_bytes(HEADER.pack(protocol.RETIRE, 0, 0, 0.0))

@@ -461,7 +461,9 @@ class Dispatcher(ABC):
                 if not _exiting:  # at exit only daemon threads still wait: leave them be
                     error = self._broken or PoolClosedError("the pool was terminated before this work finished")
                     for chunk in outstanding:
-                        if not chunk.cancelled:
+                        if chunk.cancelled:
+                            release(chunk.payload)
+                        else:
                             self._deliver(chunk, error)
             self._emit(WorkerEvent("stopped", -1))
             logger.debug("{} dispatcher stopped", self.kind)
@@ -500,7 +502,7 @@ class Dispatcher(ABC):
         for queue in queues:
             while queue:
                 if queue[0].cancelled:
-                    queue.popleft()
+                    release(queue.popleft().payload)  # never sent: its shared memory goes now
                     continue
                 return queue[0]
         return None
@@ -538,8 +540,11 @@ class Dispatcher(ABC):
                 worker.last_duration, worker.started = now - worker.started, now
             if chunk is not None and not chunk.cancelled:
                 self._deliver(chunk, outcome)
-            elif isinstance(outcome, (bytes, memoryview)):
-                release(outcome)  # nobody will unpickle it: free its shared memory
+            else:
+                if chunk is not None:
+                    release(chunk.payload)  # cancelled: nobody will release its task's memory
+                if isinstance(outcome, (bytes, memoryview)):
+                    release(outcome)  # nobody will unpickle it: free its shared memory
         elif event == "dead":
             self._on_death(worker, value)
         elif event == "retire":
@@ -575,6 +580,7 @@ class Dispatcher(ABC):
             self._schedule_restart(worker, exitcode)
         for chunk in started:
             if chunk.cancelled:
+                release(chunk.payload)
                 continue
             error: BaseException
             if broken_before is not None:  # e.g. its initializer failed: say that, not "died"

@@ -127,6 +127,8 @@ class MapJob:
         self.finished: dict[int, tuple[Chunk, ChunkResult | BaseException]] = {}
         self.next_seq = self.next_yield = 0
         self.exhausted = False
+        self.abandoned = False
+        self.on_abandon: Callable[[], None] = lambda: None
 
     def fill(self) -> None:
         """Submit chunks until the in-flight bound or the end of the input."""
@@ -152,7 +154,9 @@ class MapJob:
         could not load (pickled with dill) or what timed out (if retries are left)."""
         release(chunk.payload)  # the task's shared memory: no longer needed
         if self.outstanding.get(chunk.seq) is not chunk:
-            return  # abandoned
+            if isinstance(outcome, (bytes, memoryview)):
+                release(outcome)  # abandoned: nobody will unpickle it
+            return
         if not isinstance(outcome, BaseException):
             outcome = decode(outcome)
             error = outcome.error
@@ -197,12 +201,17 @@ class MapJob:
         return outcome.results, item_error(chunk, outcome, self.options.decorator)
 
     def abandon(self) -> None:
+        """The caller stopped reading: cancel what is queued, and free the shared memory
+        of every outcome that arrived and will not be read (and of any that arrives
+        later: the sinks drop those)."""
+        self.abandoned = True
         if sys.is_finalizing():
             return  # interpreter exit: the pools are terminated and sweep their segments
         for chunk in self.outstanding.values():
             self.dispatcher.cancel(chunk)
             release(chunk.payload)
         self.outstanding.clear()
+        self.on_abandon()
 
 
 def run_batches(dispatcher: Dispatcher, fn: Callable[..., Any], iterable: Iterable[Any], *, mode: int,
@@ -214,8 +223,17 @@ def run_batches(dispatcher: Dispatcher, fn: Callable[..., Any], iterable: Iterab
     means unbounded for input of known length and a few per worker for an iterator.
     """
     results: queue.SimpleQueue[tuple[Chunk, Any]] = queue.SimpleQueue()
-    job = MapJob(dispatcher, fn, iterable, mode=mode, options=options,
-                 sink=lambda chunk, outcome: results.put((chunk, outcome)))
+
+    def sink(chunk: Chunk, outcome: Any) -> None:
+        if job.abandoned:  # nobody will read it: free its shared memory now
+            _drop(chunk, outcome)
+            return
+        results.put((chunk, outcome))
+        if job.abandoned:  # abandoned as it was queued: drain what the reader left
+            _drain(results)
+
+    job = MapJob(dispatcher, fn, iterable, mode=mode, options=options, sink=sink)
+    job.on_abandon = lambda: _drain(results)
     try:
         while True:
             job.fill()
@@ -246,15 +264,23 @@ async def run_batches_async(dispatcher: Dispatcher, fn: Callable[..., Any], iter
     loop = asyncio.get_running_loop()
     results: asyncio.Queue[tuple[Chunk, Any]] = asyncio.Queue()
 
+    def put(item: tuple[Chunk, Any]) -> None:  # on the caller's loop
+        if job.abandoned:
+            _drop(*item)
+        else:
+            results.put_nowait(item)
+
     def sink(chunk: Chunk, outcome: Any) -> None:
+        if job.abandoned:
+            _drop(chunk, outcome)
+            return
         try:
-            loop.call_soon_threadsafe(results.put_nowait, (chunk, outcome))
+            loop.call_soon_threadsafe(put, (chunk, outcome))
         except RuntimeError:  # the caller's loop has closed: nobody will read it
-            release(chunk.payload)
-            if isinstance(outcome, (bytes, memoryview)):
-                release(outcome)
+            _drop(chunk, outcome)
 
     job = MapJob(dispatcher, fn, iterable, mode=mode, options=options, sink=sink)
+    job.on_abandon = lambda: _drain(results)
     try:
         while True:
             job.fill()
@@ -271,6 +297,26 @@ async def run_batches_async(dispatcher: Dispatcher, fn: Callable[..., Any], iter
                 raise error
     finally:
         job.abandon()
+
+
+def _drop(chunk: Chunk, outcome: Any) -> None:
+    """Free an outcome nobody will read (and its task's payload)."""
+    release(chunk.payload)
+    if isinstance(outcome, (bytes, memoryview)):
+        release(outcome)
+
+
+def _drain(results: Any) -> None:
+    """Drop what is left in a results queue (a SimpleQueue or an asyncio.Queue)."""
+    empty: tuple[type[BaseException], ...] = (queue.Empty,)
+    if "asyncio" in sys.modules:
+        empty += (sys.modules["asyncio"].QueueEmpty,)
+    while True:
+        try:
+            item = results.get_nowait()
+        except empty:
+            return
+        _drop(*item)
 
 
 def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:

@@ -242,6 +242,7 @@ class ProcessDispatcher(Dispatcher):
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self.shm_prefix: str | None = shm.new_prefix() if shm.AVAILABLE else None
+        self._dead_pids: list[int | None] = []
         self._fd_lock = threading.Lock()  # the wake pipe closes while callers may write
         try:
             super().__init__(nodes, slots=slots, policy=policy, on_event=on_event)
@@ -370,6 +371,7 @@ class ProcessDispatcher(Dispatcher):
             self._receive_all(worker, events)
             worker.proc.join(0.5)
             events.append(("dead", worker, worker.proc.exitcode))
+            self._dead_pids.append(worker.pid)  # what it wrote while dying is swept at stop
             worker.release()
         return events
 
@@ -419,8 +421,12 @@ class ProcessDispatcher(Dispatcher):
         for w in workers:
             w.proc.join(2.0)
             w.release()
-        if not graceful and self.shm_prefix is not None:
-            shm.sweep(self.shm_prefix)  # segments of results cut off mid-flight
+        if self.shm_prefix is not None:
+            if not graceful:
+                shm.sweep(self.shm_prefix)  # segments of results cut off mid-flight
+            else:  # every result was delivered: what dead workers left half-sent is garbage
+                for pid in self._dead_pids:
+                    shm.sweep(f"{self.shm_prefix}-{pid}")
         with self._fd_lock:
             for fd in (self._wake_r, self._wake_w):
                 if fd >= 0:

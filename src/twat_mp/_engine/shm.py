@@ -535,9 +535,20 @@ KEEP_MAPPED_BYTES = 1 << 30
 _kept: collections.OrderedDict[str, mmap.mmap] = collections.OrderedDict()
 
 
+def kept_any() -> bool:
+    return bool(_kept)
+
+
+def prune_kept() -> None:
+    """Let go of kept mappings whose segment its owner has released (a worker calls it
+    after each task and, while it holds any, every second when idle): the memory of a
+    released shared array is freed once no process maps it."""
+    for stale in [p for p in _kept if not os.path.exists(p)]:
+        del _kept[stale]
+
+
 def _keep(path: str, mapping: mmap.mmap) -> None:
-    for stale in [p for p in _kept if p != path and not os.path.exists(p)]:
-        del _kept[stale]  # released by its owner: let the memory go
+    prune_kept()
     _kept[path] = mapping
     _kept.move_to_end(path)
     total = sum(len(m) for m in _kept.values())

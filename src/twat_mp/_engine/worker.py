@@ -30,11 +30,12 @@ import time
 from typing import Any, Callable
 
 from twat_mp import state
-from twat_mp._engine import protocol
+from twat_mp._engine import protocol, shm
 from twat_mp._engine.protocol import HEADER, MODE_ONE, MODE_STAR, ChunkResult, RemoteError, Stage
 from twat_mp._engine.serialization import dumps, find_unpicklable, loads
 
 PARENT_POLL_SECONDS = 0.25
+KEPT_PRUNE_SECONDS = 1.0  # an idle worker holding shared mappings checks them this often
 FUNCTION_CACHE_SIZE = 64
 
 
@@ -175,6 +176,8 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
     functions: dict[int, tuple[Any, int]] = {}
     while True:
         try:
+            while shm.kept_any() and not task_r.poll(KEPT_PRUNE_SECONDS):
+                shm.prune_kept()  # idle: free what owners released meanwhile
             frame = task_r.recv_bytes()
         except (EOFError, OSError):
             return
@@ -191,6 +194,7 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
             result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
                                 + encode_result(result, setup.shm_prefix, _per_call(fn, mode)))
             del items, result, frame, body  # hold no task's data (or mapping) while idle
+            shm.prune_kept()
         elif kind == protocol.FUNC:
             load_function(functions, token, body)
         elif kind == protocol.STOP:
