@@ -211,3 +211,18 @@ def test_fork_is_refused_once_cuda_is_initialised():
     torch.zeros(1, device="cuda")
     with pytest.raises(ValueError, match="forkserver"), ProcessPool(devices="cuda", start_method="fork") as pool:
         pool.map(abs, [1])
+
+
+def blas_threads(_=None):
+    from threadpoolctl import threadpool_info
+
+    return sorted({lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"})
+
+
+def test_numpys_blas_gets_the_workers_share_too():
+    pytest.importorskip("numpy")
+    import numpy  # noqa: F401  (loaded here, so the forkserver preloads it in the workers)
+
+    with ProcessPool(nodes=2) as pool:
+        shares = pool.map(blas_threads, range(4))
+    assert all(found in ([], [max(1, cpu_count() // 2)]) for found in shares)

@@ -97,13 +97,23 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _limit_torch_threads() -> None:
-    """Give torch this worker's share of the cores (``TWAT_MP_TORCH_THREADS``, set per
-    slot by the pool: the cores divided among the workers, one for forked workers), so
-    that the workers together neither oversubscribe nor idle. torch imported later
-    reads ``OMP_NUM_THREADS``, which the slot's environment sets to the same share."""
+    """Give this worker its share of the cores (``TWAT_MP_TORCH_THREADS``, set per slot
+    by the pool: the cores divided among the workers, one for forked workers), so the
+    workers together neither oversubscribe nor idle: torch's intra-op threads, and the
+    BLAS and OpenMP pools of libraries already loaded (numpy's OpenBLAS read
+    ``OMP_NUM_THREADS`` when the forkserver imported it, so the environment alone is too
+    late for them; threadpoolctl sets them now). Libraries imported later read the
+    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` the slot's environment sets to the same share."""
+    threads = int(os.environ.get("TWAT_MP_TORCH_THREADS", "1"))
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.set_num_threads(int(os.environ.get("TWAT_MP_TORCH_THREADS", "1")))
+        torch.set_num_threads(threads)
+    if "numpy" in sys.modules or "scipy" in sys.modules:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # an environment without it: the env vars still reach later imports
+            return
+        threadpool_limits(limits=threads)
 
 
 class WorkerSetup:
