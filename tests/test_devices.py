@@ -226,3 +226,16 @@ def test_numpys_blas_gets_the_workers_share_too():
     with ProcessPool(nodes=2) as pool:
         shares = pool.map(blas_threads, range(4))
     assert all(found in ([], [max(1, cpu_count() // 2)]) for found in shares)
+
+
+def test_pinned_gpus_map_through_the_gpus_this_process_already_sees(monkeypatch):
+    from twat_mp.hardware import slot_env
+
+    gpus = [Device("cuda", i, f"gpu {i}", 1 << 34, 100) for i in range(2)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # e.g. a SLURM job given GPUs 2 and 3
+    assert dict(slot_env(gpus[1], 1))["CUDA_VISIBLE_DEVICES"] == "3"
+    assert dict(slot_env(gpus[0], 1, gpus[1:]))["CUDA_VISIBLE_DEVICES"] == "2,3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")
+    assert dict(slot_env(gpus[1], 1))["CUDA_VISIBLE_DEVICES"] == "GPU-bbb"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert dict(slot_env(gpus[1], 1))["CUDA_VISIBLE_DEVICES"] == "1"

@@ -206,8 +206,17 @@ def slot_env(device: Device | None, threads: int, also: Sequence[Device] = ()) -
         env.append((DEVICE_ENV, str(device)))
         if device.kind == "cuda":
             visible = [device, *(d for d in also if d.kind == "cuda" and d != device)]
-            env.append(("CUDA_VISIBLE_DEVICES", ",".join(str(d.index) for d in visible)))
+            env.append(("CUDA_VISIBLE_DEVICES", ",".join(_physical(d.index) for d in visible)))
     return tuple(env)
+
+
+def _physical(index: int) -> str:
+    """The entry of ``CUDA_VISIBLE_DEVICES`` for torch's GPU ``index`` in this process:
+    where this process already sees only some GPUs (a SLURM job, a container), torch's
+    index counts within them, so it maps through that list (numbers, UUIDs or MIG
+    names alike)."""
+    inherited = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return inherited[index] if index < len(inherited) else str(index)
 
 
 def check_fork_safe(start_method: str, pinned: Sequence[Device] | None) -> None:
