@@ -562,3 +562,30 @@ def test_nodes_fan_out_to_graph_ops_and_fail_with_their_errors():
         fails(fan_out(Context(words=["x"]))).run()
     assert caught.value.node == "fails" and caught.value.completed == ["fan_out"]
     assert isinstance(caught.value.__cause__, TypeError)
+
+
+def test_queueing_on_a_context_that_runs_elsewhere_is_an_error_not_a_lost_node():
+    started, release = threading.Event(), threading.Event()
+
+    @node
+    async def hold(ctx):
+        started.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        ctx["held"] = True
+        return ctx
+
+    @node
+    async def more(ctx):
+        ctx["more"] = True
+        return ctx
+
+    ctx = hold(Context())
+    runner = threading.Thread(target=ctx.run)
+    runner.start()
+    assert started.wait(10)
+    with pytest.raises(RuntimeError, match="running its nodes"):
+        more(ctx)
+    release.set()
+    runner.join(10)
+    assert ctx.to_dict() == {"held": True}
+    assert more(ctx)["more"] is True  # once the run returned, queueing works again

@@ -503,3 +503,9 @@ def test_a_kept_mapping_lets_go_once_the_owner_releases_the_segment():
 
 def _kept_paths() -> list[str]:
     return list(shm._kept)
+
+
+def test_a_masked_array_is_refused_rather_than_losing_its_mask():
+    masked = np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0])
+    with pytest.raises(TypeError, match="mask"):
+        share(masked)

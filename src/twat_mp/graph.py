@@ -1176,7 +1176,12 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
         coro.close()
         raise RuntimeError("run_sync() was called on the runtime's own event loop, where it would wait "
                            "forever: await the coroutine instead")
-    return rt.run_coroutine(coro).result()
+    future = rt.run_coroutine(coro)
+    try:
+        return future.result()
+    except BaseException:  # Ctrl-C (or any error here): the coroutine must not run on unseen
+        future.cancel()
+        raise
 
 
 def shutdown() -> None:

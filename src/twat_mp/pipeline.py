@@ -189,6 +189,7 @@ class Context(collections.abc.MutableMapping[str, Any]):
         """
         if not self._pending:
             return self
+        self._check_not_running_elsewhere()
         outermost = self._depth == 0
         if outermost:
             if self._metadata.started_at is None:
@@ -207,6 +208,13 @@ class Context(collections.abc.MutableMapping[str, Any]):
 
     def __await__(self) -> Generator[Any, None, Context]:
         return self.arun().__await__()
+
+    def _check_not_running_elsewhere(self) -> None:
+        """A context is not thread-safe: queueing on it (or running it) while it runs its
+        nodes, from outside those nodes (another thread or task), would lose nodes."""
+        if self._depth and not _IN_NODE.get():
+            raise RuntimeError("this Context is running its nodes right now (in another thread or task): "
+                               "queue on it once that run returns, or give each thread its own Context")
 
     async def _drain(self, metadata: ExecutionMetadata) -> None:
         """Run the queue, recording into ``metadata`` (the pipeline's, which differs from
@@ -323,6 +331,7 @@ class Node:
 
     def __call__(self, ctx: collections.abc.Mapping[str, Any]) -> Context:
         context = ctx if isinstance(ctx, Context) else Context(ctx)
+        context._check_not_running_elsewhere()
         context._pending.append(self)
         return context
 

@@ -151,6 +151,11 @@ def _shape(shape: SupportsIndex | Iterable[SupportsIndex]) -> tuple[int, ...]:
 
 
 def _share_array(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    import numpy
+
+    if type(array) is not numpy.ndarray and isinstance(array, numpy.ma.MaskedArray):
+        raise TypeError("share() takes the data of an array, and a MaskedArray's mask would be lost: "
+                        "share its .data and .mask (two arrays) instead")
     if is_shared(array):
         return array
     fortran = array.flags.f_contiguous and not array.flags.c_contiguous

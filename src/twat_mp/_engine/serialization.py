@@ -209,7 +209,10 @@ def dumps(obj: Any, what: str = "object", shm_prefix: str | None = None, *,
                 return False
         if view.nbytes < shm.THRESHOLD:
             return True
-        held = shm.reference(view) if by_reference else None
+        # a reference pins its segment until the payload is released: only for payloads
+        # that will be (a task's, a result's), never for one pickled for other ends (an
+        # exception captured in a thread worker)
+        held = shm.reference(view) if by_reference and shm_prefix is not None else None
         if held is not None:  # already in shared memory: nothing to write
             segments.append(held)
             return False
