@@ -25,8 +25,8 @@ import inspect
 from typing import Any, Callable, Sequence
 
 from twat_mp._engine.dispatcher import Chunk, Dispatcher
-from twat_mp._engine.jobs import decode, encode, item_error, make_fnref
-from twat_mp._engine.protocol import MODE_STAR, RemoteError, Stage
+from twat_mp._engine.jobs import encode, item_error, make_fnref, settled
+from twat_mp._engine.protocol import MODE_STAR, RemoteError
 from twat_mp._engine.serialization import release
 from twat_mp.errors import SerializationError
 
@@ -129,20 +129,11 @@ def _submit_picklable(dispatcher: Dispatcher, calls: Sequence[Call],
 
 def _finish(dispatcher: Dispatcher, chunk: Chunk, outcome: Any,
             done: Callable[[list[Outcome] | BaseException, float], None], shown: Sequence[Any] | None) -> None:
-    release(chunk.payload)
-    if chunk.cancelled:
-        if isinstance(outcome, (bytes, memoryview)):
-            release(outcome)
-        return
     try:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        result = decode(outcome, keep=True)  # a task's value may feed the next task
+        result = settled(dispatcher, chunk, outcome, chunk.cancelled)
+        if result is None:
+            return
         if result.error is not None:
-            if result.error.stage is Stage.LOAD and not chunk.used_dill:  # by reference, not loadable there
-                encode(dispatcher, chunk, force_dill=True)
-                dispatcher.submit(chunk)
-                return
             raise item_error(chunk, result)
         outcomes: list[Outcome] = []
         for index, ((_, args, _), (ok, value)) in enumerate(zip(chunk.items, result.results)):

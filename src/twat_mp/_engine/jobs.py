@@ -371,6 +371,26 @@ class _Completions:
 completions = _Completions()
 
 
+def settled(dispatcher: Dispatcher, chunk: Chunk, outcome: Any, dropped: bool) -> ChunkResult | None:
+    """The result of a chunk of single calls, its payload released: None where there is
+    nothing more to do (``dropped``: nobody wants it; or it was sent again, pickled with
+    dill, because the worker could not load it by reference). Raises the exception that
+    failed the whole chunk (a dead worker, a timeout)."""
+    release(chunk.payload)
+    if dropped:
+        if isinstance(outcome, (bytes, memoryview)):
+            release(outcome)
+        return None
+    if isinstance(outcome, BaseException):
+        raise outcome
+    result = decode(outcome, keep=True)  # a call's value may feed the next call: keep its segments
+    if result.error is not None and result.error.stage is Stage.LOAD and not chunk.used_dill:
+        encode(dispatcher, chunk, force_dill=True)
+        dispatcher.submit(chunk)
+        return None
+    return result
+
+
 def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any], *, timeout: float | None = None, retries: int = 0,
                 slot: int | None = None, tag: str | None = None) -> concurrent.futures.Future[Any]:
@@ -379,20 +399,11 @@ def submit_call(dispatcher: Dispatcher, fn: Callable[..., Any], args: tuple[Any,
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def resolve(chunk: Chunk, outcome: Any) -> None:
-        release(chunk.payload)
-        if future.cancelled():
-            if isinstance(outcome, (bytes, memoryview)):
-                release(outcome)
-            return
         try:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            result = decode(outcome, keep=True)  # a single call's value may feed the next call
+            result = settled(dispatcher, chunk, outcome, future.cancelled())
+            if result is None:
+                return
             if result.error is not None:
-                if result.error.stage is Stage.LOAD and not chunk.used_dill:
-                    encode(dispatcher, chunk, force_dill=True)
-                    dispatcher.submit(chunk)
-                    return
                 raise item_error(chunk, result)
             value = result.results[0]
         except BaseException as exc:
