@@ -37,10 +37,9 @@ from typing import Any
 
 # Process workers import the op functions from benchmarks/_graph_ops.py by name: twat-mp's
 # forkserver and Dask's spawned workers take the parent's sys.path, Ray's take PYTHONPATH.
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+from run import importable_by_workers
+
+importable_by_workers(__file__)
 
 import _graph_ops as fns  # noqa: E402
 from run import NODES, median_time, paired  # noqa: E402

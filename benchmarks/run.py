@@ -28,6 +28,16 @@ NODES = 2
 ROWS: list[tuple[str, str, float, str]] = []
 
 
+def importable_by_workers(path: str) -> None:
+    """Let worker processes import modules of ``path`` (a benchmark's op or service
+    classes) by name: twat-mp's forkserver and Dask's spawned workers take this
+    process's ``sys.path``, Ray's workers take ``PYTHONPATH``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (directory, os.environ.get("PYTHONPATH")) if p)
+
+
 def median_time(run: Callable[[], object], repeat: int = 5) -> float:
     times = []
     for _ in range(repeat):

@@ -39,10 +39,9 @@ from typing import Any
 # Process replicas and Ray's actor workers import the classes from
 # benchmarks/_services_ops.py by name: twat-mp's forkserver takes the parent's sys.path,
 # Ray's workers take PYTHONPATH.
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+from run import importable_by_workers
+
+importable_by_workers(__file__)
 
 import _services_ops as ops  # noqa: E402
 from run import NODES  # noqa: E402
