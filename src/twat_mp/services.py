@@ -256,9 +256,11 @@ class _Room:
                     waiter.set()
                     return
                 loop, future = waiter
-                if not loop.is_closed():
+                try:
                     loop.call_soon_threadsafe(_hand_over, future, self)
-                    return
+                except RuntimeError:  # its loop closed: that waiter is gone, try the next
+                    continue
+                return
             self.free = min(self.size, self.free + 1)
 
 
