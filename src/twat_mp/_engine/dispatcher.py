@@ -254,6 +254,9 @@ class Dispatcher(ABC):
         self._finished = False  # the manager has failed what was left: submit refuses
         self._broken: BaseException | None = None
         self._lock = threading.Lock()  # guards the flags above and the pending queues' appends
+        # Guards the workers and their chunks: the manager holds it except while it blocks
+        # in ``_wait``; a caller that finds it free hands out its chunks itself.
+        self._state = threading.Lock()
         self.item_seconds: dict[int, float] = {}  # function -> seconds per item, last seen
         for slot in range(nodes):
             self._workers[slot] = self._start_worker(slot)  # in the caller: errors surface here
@@ -312,18 +315,38 @@ class Dispatcher(ABC):
         return {tag for spec in self.slots for tag in spec.tags}
 
     def submit(self, chunk: Chunk) -> None:
-        if chunk.slot is not None and not 0 <= chunk.slot < self.nodes:
-            raise ValueError(f"no worker slot {chunk.slot} in a pool of {self.nodes}")
-        if chunk.slot is not None and chunk.slot in self._gone:
-            raise WorkerCrashedError(chunk.shown_items(), chunk.slot, None, None)
-        if chunk.tag is not None and chunk.tag not in self.tags():
-            raise ValueError(f"no worker has the tag {chunk.tag!r}; tags: {sorted(self.tags())}")
+        self.submit_all((chunk,))
+
+    def submit_all(self, chunks: Iterable[Chunk]) -> None:
+        """Queue ``chunks`` together: one lock, one wake, so the manager hands them out
+        in one round (to idle workers first) instead of waking once per chunk."""
+        chunks = tuple(chunks)
+        for chunk in chunks:
+            if chunk.slot is not None and not 0 <= chunk.slot < self.nodes:
+                raise ValueError(f"no worker slot {chunk.slot} in a pool of {self.nodes}")
+            if chunk.slot is not None and chunk.slot in self._gone:
+                raise WorkerCrashedError(chunk.shown_items(), chunk.slot, None, None)
+            if chunk.tag is not None and chunk.tag not in self.tags():
+                raise ValueError(f"no worker has the tag {chunk.tag!r}; tags: {sorted(self.tags())}")
         with self._lock:  # as concurrent.futures: a submit never slips past a terminate
             if self._broken is not None:
                 raise self._broken
             if self._closing or self._terminating or self._finished:
                 raise PoolClosedError("the pool is closed; create a new one to submit more work")
-            self._queue_for(chunk).append(chunk)
+            for chunk in chunks:
+                self._queue_for(chunk).append(chunk)
+        if self._state.acquire(blocking=False):  # the manager is blocked waiting
+            try:
+                if not self._terminating:
+                    self._dispatch()
+                # A chunk with a timeout changes when the manager must look next; a
+                # chunk no worker took waits for a result, a death or a restart, which
+                # wake the manager anyway, but it costs little to make sure.
+                nothing_left = not self._has_pending() and all(c.timeout is None for c in chunks)
+            finally:
+                self._state.release()
+            if nothing_left:
+                return
         self._wake()
 
     def _queue_for(self, chunk: Chunk) -> collections.deque[Chunk]:
@@ -438,6 +461,15 @@ class Dispatcher(ABC):
 
     # -- the manager thread ------------------------------------------------------------
     def _run(self) -> None:
+        with self._state:
+            self._manage()
+
+    def _blocking(self) -> _Unlocked:
+        """``with self._blocking():`` around a transport's blocking wait: callers may
+        hand out chunks meanwhile (``submit_all``)."""
+        return _Unlocked(self._state)
+
+    def _manage(self) -> None:
         try:
             while not self._terminating:
                 self._start_due()
@@ -479,7 +511,9 @@ class Dispatcher(ABC):
         progressed = True
         while progressed and self._has_pending():
             progressed = False
-            for worker in list(self._workers.values()):
+            # idle workers first: a chunk queued behind a busy worker while another
+            # worker idles would wait for nothing
+            for worker in sorted(self._workers.values(), key=lambda w: len(w.chunks)):
                 if worker.timed_out or worker.retiring:
                     continue
                 chunk = self._next_for(worker)
@@ -490,7 +524,11 @@ class Dispatcher(ABC):
                     worker.started = time.monotonic()
                 chunk.sent_at = time.monotonic()
                 worker.chunks[chunk.id] = chunk
-                self._send(worker, chunk)
+                try:
+                    self._send(worker, chunk)
+                except BaseException:  # e.g. Ctrl-C in a caller sending: a frame cut off
+                    self._kill(worker)  # its pipe cannot be trusted; its death is handled
+                    raise
                 progressed = True
 
     def _next_for(self, worker: Worker) -> Chunk | None:
@@ -688,6 +726,21 @@ class Dispatcher(ABC):
         except Exception:
             exc_type, exc, tb = sys.exc_info()
             threading.excepthook(threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread())))
+
+
+class _Unlocked:
+    """Release a held lock for the duration of a ``with`` block."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.acquire()
 
 
 # -- interpreter exit ------------------------------------------------------------------

@@ -350,7 +350,8 @@ class ProcessDispatcher(Dispatcher):
             assert isinstance(w, _ProcessWorker)
             by_key[w.result_r] = ("conn", w)
             by_key[w.proc.sentinel] = ("sentinel", w)
-        ready = mp_wait([self._wake_r, *by_key], timeout)
+        with self._blocking():
+            ready = mp_wait([self._wake_r, *by_key], timeout)
         events: list[tuple[str, Worker, Any]] = []
         dead: list[_ProcessWorker] = []
         for key in ready:

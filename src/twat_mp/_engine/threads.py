@@ -94,7 +94,8 @@ class ThreadDispatcher(Dispatcher):
     def _wait(self, timeout: float | None) -> list[tuple[str, Worker, Any]]:
         events = []
         try:
-            event = self._events.get(timeout=timeout)
+            with self._blocking():
+                event = self._events.get(timeout=timeout)
             while True:
                 if event is not _WAKE:
                     events.append(event)
