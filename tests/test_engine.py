@@ -265,7 +265,8 @@ def test_auto_chunksize_uses_what_it_learned_of_the_function():
     from twat_mp._engine.jobs import auto_chunksize
 
     assert auto_chunksize(1000, 2) == 125  # nothing known: four chunks per worker
-    assert auto_chunksize(1000, 2, item_seconds=1e-7) == 500  # quick items: one chunk per worker
+    assert auto_chunksize(1000, 2, item_seconds=1e-7) == 1000  # the whole map: less than a round trip
+    assert auto_chunksize(1000, 2, item_seconds=1e-6) == 500  # quick items: one chunk per worker
     assert auto_chunksize(1000, 2, item_seconds=0.01) == 125  # slow items: balance wins
     assert auto_chunksize(100_000, 2, item_seconds=1e-7) == 12_500
     assert auto_chunksize(100, 2, concurrency=16) == 13  # async: at most childconcurrency a chunk
@@ -560,3 +561,54 @@ def test_work_waiting_on_a_failing_slot_initializer_gets_the_initializers_error(
     finally:
         dispatcher.terminate()
         dispatcher.join(10)
+
+
+RELEASE = threading.Event()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_chunk_goes_to_an_idle_worker_rather_than_behind_a_busy_one(kind):
+    dispatcher = ProcessDispatcher(2) if kind == "process" else ThreadDispatcher(2)
+    try:
+        for _ in range(3):  # both workers ran quick chunks: either may queue one behind another
+            assert [f.result(10) for f in [submit_call(dispatcher, abs, (-i,), {}) for i in range(4)]] == [0, 1, 2, 3]
+        blocked = submit_call(dispatcher, RELEASE.wait, (30,), {})
+        assert wait_for(lambda: sum(len(w.chunks) for w in list(dispatcher._workers.values())) == 1)
+        assert submit_call(dispatcher, abs, (-5,), {}).result(10) == 5  # not stuck behind the other
+        assert not blocked.done()
+    finally:
+        RELEASE.set()
+        dispatcher.terminate()
+        dispatcher.join(10)
+        RELEASE.clear()
+
+
+@pytest.mark.timeout(60)
+def test_a_frame_cut_off_by_ctrl_c_in_a_caller_costs_its_worker_not_the_pool():
+    """A caller hands chunks to idle workers itself: Ctrl-C in the middle of a send
+    leaves half a frame in the worker's pipe, so that worker is replaced, and the pool
+    goes on."""
+    import struct
+
+    from twat_mp import ProcessPool
+
+    with ProcessPool(nodes=1) as pool:
+        first_pid = pool.submit(os.getpid).result(10)
+        dispatcher = pool._dispatcher
+        assert dispatcher is not None
+        original = dispatcher._send
+
+        def interrupted(worker, chunk):
+            if threading.current_thread() is not threading.main_thread():
+                return original(worker, chunk)
+            dispatcher._send = original  # once
+            worker.task_w._send(struct.pack("!i", 1000))  # a frame's length, and no frame
+            raise KeyboardInterrupt
+
+        dispatcher._send = interrupted
+        assert wait_for(lambda: not dispatcher._state.locked())  # the manager waits: the caller sends
+        with pytest.raises(KeyboardInterrupt):
+            pool.submit(abs, -1)
+        assert pool.submit(abs, -2).result(10) == 2
+        assert pool.submit(os.getpid).result(10) != first_pid

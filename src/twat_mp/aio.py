@@ -20,13 +20,12 @@ import asyncio
 import collections.abc
 import functools
 import inspect
-import itertools
 import threading
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Sequence
 
 from twat_mp import _options, state
 from twat_mp._engine.dispatcher import Dispatcher
-from twat_mp._engine.jobs import run_batches, run_batches_async, submit_call
+from twat_mp._engine.jobs import collect, run_batches, run_batches_async, submit_call
 from twat_mp._engine.process import ProcessDispatcher
 from twat_mp._engine.protocol import MODE_ONE, MODE_STAR
 from twat_mp._logging import logger
@@ -195,7 +194,7 @@ class AsyncMultiPool(PoolLifecycle):
         bar = progress_bar(merged.progress, source)
         try:
             batches = run_batches(self._engine(), fn, source, mode=mode, options=merged, progress=bar)
-            return list(itertools.chain.from_iterable(batches))
+            return collect(batches)
         finally:
             if bar is not None:
                 bar.close()

@@ -10,7 +10,6 @@ The surface is pathos's (``map``, ``imap``, ``uimap``, ``amap``, ``pipe``/``apip
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -272,7 +271,9 @@ class MultiPool(PoolLifecycle):
         Options (``chunksize``, ``max_in_flight``, ``timeout``, ``retries``, ``progress``)
         override the pool's for this call.
         """
-        return list(itertools.chain.from_iterable(self._batches(fn, iterables, **options)))
+        from twat_mp._engine.jobs import collect
+
+        return collect(self._batches(fn, iterables, **options))
 
     def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], ordered: bool = True,
              **options: Any) -> Iterator[Any]:
@@ -295,23 +296,27 @@ class MultiPool(PoolLifecycle):
     def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], **options: Any) -> list[Any]:
         """``[fn(*args) for args in iterable]``, computed by the workers."""
         check_iterables(f"{type(self).__name__}.starmap()", (iterable,))
+        from twat_mp._engine.jobs import collect
+
         batches = self._run(self._engine(), fn, iterable, mode=MODE_STAR, ordered=True, method="starmap", **options)
-        return list(itertools.chain.from_iterable(batches))
+        return collect(batches)
 
     def amap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> AsyncResult:
         """Submit the map and return at once; ``.get()`` returns the list of results."""
+        from twat_mp._engine.jobs import collect
+
         batches = self._batches(fn, iterables, method="amap", **options)
         future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
-        def collect() -> None:
+        def gather() -> None:
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(list(itertools.chain.from_iterable(batches)))
+                future.set_result(collect(batches))
             except BaseException as exc:
                 future.set_exception(exc)
 
-        threading.Thread(target=collect, name="twat-mp-amap", daemon=True).start()
+        threading.Thread(target=gather, name="twat-mp-amap", daemon=True).start()
         return AsyncResult(future)
 
     # -- single calls ------------------------------------------------------------------

@@ -37,6 +37,9 @@ from twat_mp.errors import SerializationError, TaskTimeoutError
 #: Chunks of unknown-length input grow until one takes about this long in a worker.
 TARGET_CHUNK_SECONDS = 0.02
 MAX_ADAPTIVE_CHUNK = 8192
+#: ``MapJob.fill`` hands its chunks to the dispatcher once this much is pickled (or the
+#: input or the in-flight bound ends it), so that big chunks start as soon as each is ready.
+FLUSH_BYTES = 64 * 1024
 
 
 def make_fnref(dispatcher: Dispatcher, fn: Callable[..., Any], mode: int) -> FnRef:
@@ -81,20 +84,25 @@ def decode(outcome: Any, *, keep: bool = False) -> ChunkResult:
 MIN_CHUNK_SECONDS = 0.002
 #: What moving one small item costs besides running it (pickled there and back), roughly.
 ITEM_TRANSFER_SECONDS = 0.5e-6
+#: About what a warm worker's round trip costs: a map whose items together compute for
+#: less than this runs as one chunk (waking a second worker would cost more than it saves).
+ROUND_TRIP_SECONDS = 0.0002
 
 
 def auto_chunksize(length: int | None, nodes: int, concurrency: int = 0,
                    item_seconds: float | None = None) -> int | None:
     """Four chunks per worker for input of known length (as the stdlib Pool does), or
-    fewer (down to one per worker) when this function's items are known to be so quick
-    that smaller chunks would cost more in round trips than they save; for async
-    workers, at most ``concurrency`` items a chunk, so every worker stays full."""
+    fewer (down to one per worker, or one in all) when this function's items are known
+    to be so quick that smaller chunks would cost more in round trips than they save;
+    for async workers, at most ``concurrency`` items a chunk, so every worker stays full."""
     if length is None or length <= 0:
         return max(1, concurrency // 4) if concurrency else None
     chunks = nodes * 4
     if item_seconds is not None and not concurrency:
         wanted = min(chunks, int(length * (item_seconds + ITEM_TRANSFER_SECONDS) / MIN_CHUNK_SECONDS))
         chunks = max(nodes, wanted - wanted % nodes)  # a multiple of the workers: balanced
+        if length * item_seconds < ROUND_TRIP_SECONDS:
+            chunks = 1
     size = max(1, math.ceil(length / chunks))
     return min(size, concurrency) if concurrency else size
 
@@ -123,6 +131,10 @@ class MapJob:
             if concurrency:
                 self.max_in_flight = math.ceil(2 * dispatcher.nodes * concurrency / self.size) + dispatcher.nodes
         self.source = iter(iterable)
+        # a list or tuple is cut into chunks by slicing (a copy at C speed)
+        self.sequence: list[Any] | tuple[Any, ...] | None = (
+            iterable if type(iterable) in (list, tuple) else None)  # type: ignore[assignment]
+        self.offset = 0
         self.outstanding: dict[int, Chunk] = {}
         self.finished: dict[int, tuple[Chunk, ChunkResult | BaseException]] = {}
         self.next_seq = self.next_yield = 0
@@ -131,19 +143,36 @@ class MapJob:
         self.on_abandon: Callable[[], None] = lambda: None
 
     def fill(self) -> None:
-        """Submit chunks until the in-flight bound or the end of the input."""
+        """Submit chunks until the in-flight bound or the end of the input. Small chunks
+        go to the dispatcher in batches (``FLUSH_BYTES``), so that the manager does not
+        wake, and take the GIL, for each while the next is still being pickled."""
         bound = self.max_in_flight
-        while not self.exhausted and (bound is None or len(self.outstanding) + len(self.finished) < bound):
-            items = list(itertools.islice(self.source, self.size))
-            if not items:
-                self.exhausted = True
-                break
-            chunk = Chunk(self.fnref, items, self.sink, seq=self.next_seq, timeout=self.options.timeout,
-                          retries=self.options.retries)
-            encode(self.dispatcher, chunk)
-            self.dispatcher.submit(chunk)
-            self.outstanding[self.next_seq] = chunk
-            self.next_seq += 1
+        batch: list[Chunk] = []
+        size = 0
+        try:
+            while not self.exhausted and (bound is None or len(self.outstanding) + len(self.finished) < bound):
+                if self.sequence is not None:
+                    part = self.sequence[self.offset:self.offset + self.size]
+                    items = part if isinstance(part, list) else list(part)
+                    self.offset += len(items)
+                else:
+                    items = list(itertools.islice(self.source, self.size))
+                if not items:
+                    self.exhausted = True
+                    break
+                chunk = Chunk(self.fnref, items, self.sink, seq=self.next_seq, timeout=self.options.timeout,
+                              retries=self.options.retries)
+                encode(self.dispatcher, chunk)
+                self.outstanding[self.next_seq] = chunk  # abandon() releases it if never sent
+                self.next_seq += 1
+                batch.append(chunk)
+                size += len(chunk.payload or b"")
+                if size >= FLUSH_BYTES:
+                    self.dispatcher.submit_all(batch)
+                    batch, size = [], 0
+        finally:
+            if batch:
+                self.dispatcher.submit_all(batch)
 
     @property
     def done(self) -> bool:
@@ -317,6 +346,14 @@ def _drain(results: Any) -> None:
         except empty:
             return
         _drop(*item)
+
+
+def collect(batches: Iterable[list[Any]]) -> list[Any]:
+    """Every result of ``run_batches`` in one list (each batch appended at C speed)."""
+    results: list[Any] = []
+    for batch in batches:
+        results += batch
+    return results
 
 
 def flatten(batches: Iterator[list[Any]]) -> Iterator[Any]:
