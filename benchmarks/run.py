@@ -294,10 +294,11 @@ def case_fixed() -> None:
 
     print("\n== warm ProcessPool.map vs warm multiprocessing.Pool.map, x*x, interleaved pairs")
     with ProcessPool(NODES) as pool, multiprocessing.get_context("fork").Pool(NODES) as mp_pool:
-        for n, repeat, target in ((1_000, 60, 1.2), (10_000, 30, 1.0), (100_000, 10, 1.0), (1_000_000, 5, 1.0)):
+        for n, repeat, target in ((1_000, 200, 1.2), (10_000, 100, 1.0), (100_000, 30, 1.0), (1_000_000, 7, 1.0)):
             items = list(range(n))
-            pool.map(square, items)
-            mp_pool.map(square, items)
+            for _ in range(3):  # both warm for this size
+                pool.map(square, items)
+                mp_pool.map(square, items)
             ours, peer, ratio = paired(lambda xs=items: pool.map(square, xs),
                                        lambda xs=items: mp_pool.map(square, xs), repeat)
             print(f"  {n:>9,} items: twat-mp {ours * 1000:8.2f} ms, stdlib {peer * 1000:8.2f} ms, "

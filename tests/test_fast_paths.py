@@ -9,6 +9,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twat_mp import ProcessPool, ThreadPool, imap, pmap
 from twat_mp._engine import shm
@@ -162,3 +164,66 @@ def test_large_payloads_both_ways_never_deadlock_the_pipes():
         small = pool.map(square, range(2000), chunksize=3)  # many small chunks queued behind
     assert [len(o) for o in out] == [6_000_000] * 8 and out[3][:1] == b"\x03"
     assert small == [x * x for x in range(2000)]
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=25, deadline=None)
+@given(size=st.sampled_from([0, 1, 4, 16_384, 16_385, 65_536, 65_537, 1 << 20, 3 << 20]))
+def test_frames_round_trip_through_a_pipe_and_match_multiprocess_framing(size):
+    """send_frame and recv_frame read and write multiprocess's framing, in one buffer
+    each, whatever the size against the pipe's buffer (the reader runs alongside)."""
+    from multiprocess import Pipe
+
+    from twat_mp._engine.protocol import recv_frame, send_frame
+
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    r, w = Pipe(duplex=False)
+    try:
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.extend([recv_frame(r), r.recv_bytes()]))
+        reader.start()
+        send_frame(w, b"head", payload)  # read by ours
+        send_frame(w, b"", payload)  # read by multiprocess's Connection
+        reader.join(30)
+        assert got == [b"head" + payload, payload]
+        reader = threading.Thread(target=lambda: got.append(recv_frame(r)))
+        reader.start()
+        w.send_bytes(payload)  # written by multiprocess's Connection, read by ours
+        reader.join(30)
+        assert got[-1] == payload
+    finally:
+        r.close()
+        w.close()
+
+
+def test_a_frame_with_the_long_length_prefix_is_read():
+    import struct
+
+    from multiprocess import Pipe
+
+    from twat_mp._engine.protocol import recv_frame
+
+    r, w = Pipe(duplex=False)
+    w._send(struct.pack("!i", -1) + struct.pack("!Q", 5) + b"hello")  # as for frames of 2 GiB and more
+    assert recv_frame(r) == b"hello"
+    w.close()
+    with pytest.raises(EOFError):
+        recv_frame(r)
+    r.close()
+
+
+def test_pipe_buffers_shrink_for_big_pools():
+    from twat_mp._engine.process import pipe_bytes
+
+    assert pipe_bytes(2) == 1 << 20
+    assert pipe_bytes(64) == 256 << 10  # 64 workers, two pipes each: 32 MiB in all
+    assert pipe_bytes(10_000) == 64 << 10  # never below the kernel's default
+
+
+@pytest.mark.timeout(120)
+def test_many_mid_size_results_come_back_whole():
+    """Results of about a pipe's size each, many per chunk, both ways."""
+    with ProcessPool(nodes=2) as pool:
+        arrays = [np.full(20_000, i, dtype=np.float64) for i in range(60)]  # 160 KB each
+        out = pool.map(doubled, arrays, chunksize=15)
+    assert all(float(o[0]) == 2 * i and o.shape == (20_000,) for i, o in enumerate(out))

@@ -163,7 +163,8 @@ class MapOptions:
             raise TypeError(f"{where or 'this call'} got unknown option(s) {unknown}; valid options are {valid}")
         if "ordered" in overrides:
             check_ordered(overrides["ordered"])  # None is no "keep" here: it reads as False
-        changes = {k: v for k, v in overrides.items() if v is not None}
+        changes = {k: v for k, v in overrides.items()
+                   if v is not None and not (type(v) is type(getattr(self, k)) and v == getattr(self, k))}
         return dataclasses.replace(self, **changes) if changes else self
 
 

@@ -72,11 +72,11 @@ class _AsyncWorker:
         sends an async worker more than its pipe holds, so a read never waits long."""
         try:
             while self.task_r.poll(0):
-                self._on_frame(self.task_r.recv_bytes())
+                self._on_frame(protocol.recv_frame(self.task_r))
         except (EOFError, OSError):  # the manager is gone
             self._on_frame(HEADER.pack(protocol.STOP, 0, 0, 0.0))
 
-    def _on_frame(self, frame: bytes) -> None:
+    def _on_frame(self, frame: bytes | bytearray) -> None:
         kind, chunk_id, token, timeout = HEADER.unpack_from(frame)
         body = memoryview(frame)[HEADER.size:]
         if kind == protocol.TASK:
@@ -95,13 +95,13 @@ class _AsyncWorker:
             result = ChunkResult([], error, worker_id, self.pid, 0.0)
         else:
             result = await self._run_items(fn, mode, items, timeout)
-        self.result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
-                                 + encode_result(result, self.setup.shm_prefix, _per_call(fn, mode)))
+        protocol.send_frame(self.result_w, HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0),
+                            encode_result(result, self.setup.shm_prefix, _per_call(fn, mode)))
         del result, items
         shm.prune_kept()
         if self.setup.max_tasks and self.calls >= self.setup.max_tasks and not self.retire_asked:
             self.retire_asked = True
-            self.result_w.send_bytes(HEADER.pack(protocol.RETIRE, 0, 0, 0.0))
+            protocol.send_frame(self.result_w, HEADER.pack(protocol.RETIRE, 0, 0, 0.0))
 
     async def _run_items(self, fn: Any, mode: int, items: list[Any], timeout: float | None) -> ChunkResult:
         """Call ``fn`` on every item; await the awaitable results concurrently (at most

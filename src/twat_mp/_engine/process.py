@@ -4,8 +4,8 @@
 
     manager thread                                  worker process (fork, spawn, forkserver)
     ──────────────                                  ────────────────────────────────────────
-    task_w.send_bytes(FUNC frame, once per token) ─▶ task_r ─▶ cache function
-    task_w.send_bytes(TASK frame)                 ─▶ task_r ─▶ run the chunk ─┐
+    send_frame(task_w, FUNC, once per token)   ─▶ task_r ─▶ cache function
+    send_frame(task_w, TASK)                      ─▶ task_r ─▶ run the chunk ─┐
     result_r ◀── RESULT frame (by chunk id) ◀──────── result_w ◀──────────────┘
     stamp ◀── chunk id and index of the running item (sync workers, timed chunks)
     proc.sentinel ready ─▶ worker died: re-run or fail its chunks, restart its slot
@@ -42,7 +42,11 @@ from twat_mp._engine.serialization import dumps_dill, loads
 from twat_mp._engine.worker import FUNCTION_CACHE_SIZE, WorkerSetup, process_worker_main
 
 STOP_GRACE_SECONDS = 1.0
-PIPE_BYTES = 1 << 20  # asked of the kernel for each task pipe (F_SETPIPE_SZ)
+PIPE_BYTES = 1 << 20  # asked of the kernel for each task and result pipe (F_SETPIPE_SZ)
+#: At most this much pipe buffer for one pool: the kernel counts it against the user's
+#: pipe-user-pages-soft (64 MiB by default), beyond which every new pipe of the user is
+#: tiny. Pools of more than 16 workers get smaller buffers.
+POOL_PIPE_BYTES = 32 << 20
 MIN_QUEUE_BYTES = 16 * 1024  # well under the smallest pipe buffer (64 KiB on Linux)
 ASYNC_DEADLINE_GRACE = 1.0  # an async worker enforces timeouts itself; this is a backstop
 
@@ -178,10 +182,16 @@ def _load_error(body: memoryview) -> Any:
     return loads(body)
 
 
-def _grow_pipe(fd: int) -> int:
-    """Raise a pipe's buffer towards PIPE_BYTES; return what it holds."""
+def pipe_bytes(nodes: int) -> int:
+    """The buffer to ask for each of the two pipes of a worker in a pool of ``nodes``."""
+    share = POOL_PIPE_BYTES // (2 * max(1, nodes))
+    return max(64 * 1024, min(PIPE_BYTES, 1 << (share.bit_length() - 1)))
+
+
+def _grow_pipe(fd: int, size: int) -> int:
+    """Raise a pipe's buffer towards ``size``; return what it holds."""
     try:
-        return fcntl.fcntl(fd, 1031, PIPE_BYTES)  # F_SETPIPE_SZ (Linux)
+        return fcntl.fcntl(fd, 1031, size)  # F_SETPIPE_SZ (Linux)
     except OSError:
         try:
             return fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ
@@ -280,7 +290,9 @@ class ProcessDispatcher(Dispatcher):
             raise RuntimeError(f"cannot start a worker process ({self.start_method}): {exc!r}") from exc
         task_r.close()
         result_w.close()
-        return _ProcessWorker(slot, proc, task_w, result_r, stamp, _grow_pipe(task_w.fileno()))
+        size = pipe_bytes(self.nodes)
+        _grow_pipe(result_r.fileno(), size)  # a large result is then written in one go, not in 64 KiB turns
+        return _ProcessWorker(slot, proc, task_w, result_r, stamp, _grow_pipe(task_w.fileno(), size))
 
     def _send(self, worker: Worker, chunk: Chunk) -> None:
         assert isinstance(worker, _ProcessWorker) and chunk.payload is not None
@@ -291,10 +303,10 @@ class ProcessDispatcher(Dispatcher):
                 assert fn.payload is not None
                 if len(worker.tokens) >= FUNCTION_CACHE_SIZE:  # the worker drops its oldest too
                     worker.tokens.pop(next(iter(worker.tokens)))
-                worker.task_w.send_bytes(HEADER.pack(protocol.FUNC, 0, fn.token, 0.0) + fn.payload)
+                protocol.send_frame(worker.task_w, HEADER.pack(protocol.FUNC, 0, fn.token, 0.0), fn.payload)
                 worker.tokens[fn.token] = None
-            worker.task_w.send_bytes(HEADER.pack(protocol.TASK, chunk.id, fn.token, chunk.timeout or 0.0)
-                                     + chunk.payload)
+            protocol.send_frame(worker.task_w, HEADER.pack(protocol.TASK, chunk.id, fn.token, chunk.timeout or 0.0),
+                                chunk.payload)
         except OSError:
             pass  # the worker died; its sentinel reports it and the chunk is re-run or failed
 
@@ -380,7 +392,7 @@ class ProcessDispatcher(Dispatcher):
         """Every frame the worker has written so far."""
         try:
             while worker.result_r.poll(0):
-                frame = worker.result_r.recv_bytes()
+                frame = protocol.recv_frame(worker.result_r)
                 kind, chunk_id, _, _ = HEADER.unpack_from(frame)
                 body = memoryview(frame)[HEADER.size:]
                 if kind == protocol.RESULT:
@@ -398,7 +410,7 @@ class ProcessDispatcher(Dispatcher):
     def _retire(self, worker: Worker) -> None:
         assert isinstance(worker, _ProcessWorker)
         try:
-            worker.task_w.send_bytes(HEADER.pack(protocol.STOP, 0, 0, 0.0))
+            protocol.send_frame(worker.task_w, HEADER.pack(protocol.STOP, 0, 0, 0.0))
         except OSError:
             pass  # already gone: its sentinel says so
 

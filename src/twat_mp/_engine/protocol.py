@@ -20,6 +20,7 @@ thread, so a bad payload fails there, at once, with the caller's traceback.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 import sys
 import traceback
@@ -36,6 +37,51 @@ from twat_mp.errors import (
 
 HEADER = struct.Struct("<BqQd")
 TASK, FUNC, STOP, RESULT, INIT_FAILED, RETIRE = range(6)
+
+# -- frames on a pipe -------------------------------------------------------------------
+# The framing of multiprocess's Connection (a big-endian int32 length; -1 and a uint64 for
+# frames of 2 GiB and more), read and written here without its copies: its recv_bytes
+# reads a large frame in pipe-sized pieces, allocating room for the whole rest at each
+# piece, then copies the frame twice; its send_bytes is fine for small frames only.
+_LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!Q")
+
+
+def send_frame(conn: Any, header: bytes, payload: bytes | memoryview = b"") -> None:
+    """Write ``header + payload`` to ``conn`` as one frame, without joining them first."""
+    size = len(header) + len(payload)
+    prefix = _LENGTH.pack(size) if size <= 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
+    parts = [memoryview(prefix), memoryview(header), memoryview(payload).cast("B")]
+    fd = conn.fileno()
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= len(parts[0]):  # a signal may cut a write short
+            written -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][written:]
+
+
+def recv_frame(conn: Any) -> bytearray:
+    """Read one frame of ``conn`` straight into one buffer. EOFError at a clean end."""
+    fd = conn.fileno()
+    (size,) = _LENGTH.unpack(_read_exact(fd, _LENGTH.size, start=True))
+    if size == -1:
+        (size,) = _LONG_LENGTH.unpack(_read_exact(fd, _LONG_LENGTH.size))
+    return _read_exact(fd, size)
+
+
+def _read_exact(fd: int, size: int, *, start: bool = False) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            if start and got == 0:
+                raise EOFError
+            raise OSError("got end of file in the middle of a message")
+        got += n
+    return buffer
 
 #: How a worker calls the function on each item of a chunk.
 MODE_ONE, MODE_STAR, MODE_CALL = range(3)

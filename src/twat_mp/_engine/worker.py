@@ -147,7 +147,7 @@ def start_worker(setup: WorkerSetup, result_w: Any, kind: str) -> bool:
             initializer(*initargs)
         except Exception as exc:
             error = RemoteError.capture(exc)._replace(stage=Stage.INIT)
-            result_w.send_bytes(HEADER.pack(protocol.INIT_FAILED, 0, 0, 0.0) + dumps(error)[0])
+            protocol.send_frame(result_w, HEADER.pack(protocol.INIT_FAILED, 0, 0, 0.0), dumps(error)[0])
             return False
     return True
 
@@ -188,7 +188,7 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
         try:
             while shm.kept_any() and not task_r.poll(KEPT_PRUNE_SECONDS):
                 shm.prune_kept()  # idle: free what owners released meanwhile
-            frame = task_r.recv_bytes()
+            frame = protocol.recv_frame(task_r)
         except (EOFError, OSError):
             return
         kind, chunk_id, token, timeout = HEADER.unpack_from(frame)
@@ -201,8 +201,8 @@ def process_worker_main(task_r: Any, result_w: Any, setup: WorkerSetup, stamp: A
                 if timeout:  # published for the manager (see Dispatcher._deadline)
                     stamp[0], stamp[1] = chunk_id, 0
                 result = run_chunk(fn, mode, items, worker_id, pid, stamp if timeout else None)
-            result_w.send_bytes(HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0)
-                                + encode_result(result, setup.shm_prefix, _per_call(fn, mode)))
+            protocol.send_frame(result_w, HEADER.pack(protocol.RESULT, chunk_id, 0, 0.0),
+                                encode_result(result, setup.shm_prefix, _per_call(fn, mode)))
             del items, result, frame, body  # hold no task's data (or mapping) while idle
             shm.prune_kept()
         elif kind == protocol.FUNC:
