@@ -27,13 +27,13 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import select
 import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 import multiprocess
-from multiprocess.connection import wait as mp_wait
 
 from twat_mp._engine import protocol, shm
 from twat_mp._engine.dispatcher import Chunk, Dispatcher, RestartPolicy, SlotSpec, Worker, WorkerEvent
@@ -210,6 +210,8 @@ class _ProcessWorker(Worker):
         self.queue_budget = max(MIN_QUEUE_BYTES, pipe_bytes // 2)
         self.items_held = 0  # items of the chunks it holds (async workers)
         self.released = False
+        self.readable = select.poll()  # is a frame waiting? (Connection.poll builds a selector each call)
+        self.readable.register(result_r.fileno(), select.POLLIN)
 
     def running_item(self) -> tuple[int, int] | None:
         return self.stamp[0], self.stamp[1]
@@ -253,6 +255,7 @@ class ProcessDispatcher(Dispatcher):
         self._wake_pending = False
         self.shm_prefix: str | None = shm.new_prefix() if shm.AVAILABLE else None
         self._dead_pids: list[int | None] = []
+        self._polled: tuple[list[Worker], Any, dict[int, tuple[str, _ProcessWorker]]] | None = None
         self._fd_lock = threading.Lock()  # the wake pipe closes while callers may write
         try:
             super().__init__(nodes, slots=slots, policy=policy, on_event=on_event)
@@ -356,17 +359,29 @@ class ProcessDispatcher(Dispatcher):
             except BlockingIOError:
                 pass  # the pipe is full: the manager is awake anyway
 
+    def _poller(self) -> tuple[Any, dict[int, tuple[str, _ProcessWorker]]]:
+        """A poll object on the wake pipe and every worker's result pipe and sentinel,
+        made again only when the workers change (a fresh one: no stale descriptor)."""
+        workers = list(self._workers.values())
+        if self._polled is None or self._polled[0] != workers:
+            poller, by_fd = select.poll(), {}
+            poller.register(self._wake_r, select.POLLIN)
+            for w in workers:
+                assert isinstance(w, _ProcessWorker)
+                by_fd[w.result_r.fileno()] = ("conn", w)
+                by_fd[w.proc.sentinel] = ("sentinel", w)
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            self._polled = (workers, poller, by_fd)
+        return self._polled[1], self._polled[2]
+
     def _wait(self, timeout: float | None) -> list[tuple[str, Worker, Any]]:
-        by_key: dict[Any, tuple[str, _ProcessWorker]] = {}
-        for w in self._workers.values():
-            assert isinstance(w, _ProcessWorker)
-            by_key[w.result_r] = ("conn", w)
-            by_key[w.proc.sentinel] = ("sentinel", w)
+        poller, by_fd = self._poller()
         with self._blocking():
-            ready = mp_wait([self._wake_r, *by_key], timeout)
+            ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))
         events: list[tuple[str, Worker, Any]] = []
         dead: list[_ProcessWorker] = []
-        for key in ready:
+        for key, _ in ready:
             if key == self._wake_r:
                 try:
                     while os.read(self._wake_r, 4096):
@@ -375,7 +390,7 @@ class ProcessDispatcher(Dispatcher):
                     pass
                 self._wake_pending = False  # after draining, or a wake could be lost
                 continue
-            what, worker = by_key[key]
+            what, worker = by_fd[key]
             if what == "conn":
                 self._receive_all(worker, events)
             else:
@@ -391,7 +406,7 @@ class ProcessDispatcher(Dispatcher):
     def _receive_all(self, worker: _ProcessWorker, events: list[tuple[str, Worker, Any]]) -> None:
         """Every frame the worker has written so far."""
         try:
-            while worker.result_r.poll(0):
+            while worker.readable.poll(0):
                 frame = protocol.recv_frame(worker.result_r)
                 kind, chunk_id, _, _ = HEADER.unpack_from(frame)
                 body = memoryview(frame)[HEADER.size:]
