@@ -404,6 +404,7 @@ class ServiceHandle:
         self._replicas = [_Replica(i) for i in range(opts.replicas)]
         self._queue: collections.deque[_Call] = collections.deque()
         self._flush_pending = False
+        self._coroutine_methods: dict[str, bool] = {}  # async executor: method name -> async def?
         self._observers: list[Callable[[ServiceEvent], Any]] = []
         self._runtime: Runtime | None = None
         self._dispatcher: Any = None
@@ -718,6 +719,7 @@ class ServiceHandle:
     def _pump(self) -> None:
         limit = self.options.max_concurrency
         queue = self._queue
+        on_loop = self.options.executor == "async"
         while queue:
             best = None
             for replica in self._replicas:
@@ -727,13 +729,13 @@ class ServiceHandle:
                 break
             call = queue.popleft()
             best.in_flight += 1
-            if self.options.executor == "async":  # on this loop already: start it now, no batching
+            if on_loop:  # on this loop already: start it now, no batching
                 call.sent_at = time.perf_counter()
                 rt = self._runtime_for_calls()
                 rt._running.add(rt.loop.create_task(self._run_async(best, call)))  # cancelled at shutdown
                 continue
             best.outbox.append(call)
-        if not self._flush_pending and any(r.outbox for r in self._replicas):
+        if not on_loop and not self._flush_pending and any(r.outbox for r in self._replicas):
             self._flush_pending = True
             self._runtime_for_calls().loop.call_soon(self._flush)
 
@@ -820,7 +822,10 @@ class ServiceHandle:
         instance = replica.instance
         try:
             method = instance if call.method == "__call__" else getattr(instance, call.method)
-            if inspect.iscoroutinefunction(method):
+            is_coroutine = self._coroutine_methods.get(call.method)
+            if is_coroutine is None or call.method == "__call__":  # per method, not per call
+                is_coroutine = self._coroutine_methods[call.method] = inspect.iscoroutinefunction(method)
+            if is_coroutine:
                 value = await method(*call.args, **call.kwargs)
             else:
                 assert replica.thread is not None
