@@ -630,6 +630,7 @@ def test_an_awaiter_that_gave_up_and_closed_its_loop_breaks_nothing(rt):
             await asyncio.wait_for(first, 0.05)
 
     asyncio.run(impatient())  # its loop is closed now
+    assert not first._waiters  # the awaiter that gave up took its waiter back
     gate.set()
     assert after.result(timeout=10) == 2 and first._waiters is None
 

@@ -369,8 +369,11 @@ class ObjectRef:
                     if not loop.is_closed():  # an awaiter that gave up may have closed its loop
                         loop.call_soon_threadsafe(_set_if_pending, future)
             if rt._add_waiter(self, wake):
-                future.add_done_callback(functools.partial(_forget_if_cancelled, rt, self, wake))
-                yield from future.__await__()
+                try:
+                    yield from future.__await__()
+                except BaseException:  # the awaiter gave up (cancelled, wait_for timed out)
+                    rt._remove_waiter(self, wake)
+                    raise
         return self._outcome()
 
     # -- inside ------------------------------------------------------------------------------
@@ -408,12 +411,6 @@ class ObjectRef:
 
     def __repr__(self) -> str:
         return f"<ObjectRef {self._op.name}#{self._id} {_STATE_NAMES[self._state]}>"
-
-
-def _forget_if_cancelled(rt: Runtime, ref: ObjectRef, wake: Callable[[ObjectRef], None],
-                         future: asyncio.Future[Any]) -> None:
-    if future.cancelled():  # the awaiter gave up (wait_for timed out, its task was cancelled)
-        rt._remove_waiter(ref, wake)
 
 
 def _event_setter(event: threading.Event) -> Callable[[ObjectRef], None]:

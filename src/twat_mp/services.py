@@ -421,6 +421,7 @@ class ServiceHandle:
             if not callable(getattr(target, name, None)):
                 raise AttributeError(f"service {self.__dict__['name']} has no method {name!r}")
             found = methods[name] = ServiceMethod(self, name)
+            self.__dict__[name] = found  # the next access is a plain attribute lookup
         return found
 
     def go(self, *args: Any, block: bool = True, **kwargs: Any) -> ObjectRef:
