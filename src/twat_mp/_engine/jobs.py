@@ -149,30 +149,28 @@ class MapJob:
         bound = self.max_in_flight
         batch: list[Chunk] = []
         size = 0
-        try:
-            while not self.exhausted and (bound is None or len(self.outstanding) + len(self.finished) < bound):
-                if self.sequence is not None:
-                    part = self.sequence[self.offset:self.offset + self.size]
-                    items = part if isinstance(part, list) else list(part)
-                    self.offset += len(items)
-                else:
-                    items = list(itertools.islice(self.source, self.size))
-                if not items:
-                    self.exhausted = True
-                    break
-                chunk = Chunk(self.fnref, items, self.sink, seq=self.next_seq, timeout=self.options.timeout,
-                              retries=self.options.retries)
-                encode(self.dispatcher, chunk)
-                self.outstanding[self.next_seq] = chunk  # abandon() releases it if never sent
-                self.next_seq += 1
-                batch.append(chunk)
-                size += len(chunk.payload or b"")
-                if size >= FLUSH_BYTES:
-                    self.dispatcher.submit_all(batch)
-                    batch, size = [], 0
-        finally:
-            if batch:
+        while not self.exhausted and (bound is None or len(self.outstanding) + len(self.finished) < bound):
+            if self.sequence is not None:
+                part = self.sequence[self.offset:self.offset + self.size]
+                items = part if isinstance(part, list) else list(part)
+                self.offset += len(items)
+            else:
+                items = list(itertools.islice(self.source, self.size))
+            if not items:
+                self.exhausted = True
+                break
+            chunk = Chunk(self.fnref, items, self.sink, seq=self.next_seq, timeout=self.options.timeout,
+                          retries=self.options.retries)
+            encode(self.dispatcher, chunk)  # a failure here fails the map: abandon() frees the batch
+            self.outstanding[self.next_seq] = chunk
+            self.next_seq += 1
+            batch.append(chunk)
+            size += len(chunk.payload or b"")
+            if size >= FLUSH_BYTES:
                 self.dispatcher.submit_all(batch)
+                batch, size = [], 0
+        if batch:
+            self.dispatcher.submit_all(batch)
 
     @property
     def done(self) -> bool:
